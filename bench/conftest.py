@@ -1,0 +1,127 @@
+"""pytest driver for benchmark runs:
+
+    pytest bench/ --method duquant --model mistral-7b --wbits 4 --abits 4 --tasks ppl-wikitext2,ppl-c4
+
+Every (method, scheme) pair is one test case; each writes result records into --results-dir, and the session
+ends with the markdown leaderboard of that directory (also written to --leaderboard when given).
+Bad requests (unknown method/model/task, impossible bits) stop the session with a one-line usage error.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from quantbench import models
+from quantbench.errors import QuantbenchError
+from quantbench.quant import parse_scheme
+from quantbench.registry import METHODS, load_plugins
+from quantbench.runner import DTYPES, RunConfig
+from quantbench.tasks import Task, make_task
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("quantbench", "quantbench benchmark runs")
+    add = g.addoption
+    add("--method", default="fp16,rtn", help="comma list of registered methods (default: fp16,rtn)")
+    add("--model", default="smollm2-135m", help="zoo alias, HF id, local dir or built-in (default: smollm2-135m)")
+    add("--wbits", default="4", help="comma list of weight bits (16 = FP)")
+    add("--abits", default="16", help="comma list of activation bits (16 = FP)")
+    add("--kvbits", default="16", help="comma list of K/V bits (16 = FP)")
+    add("--group", type=int, default=0, help="weight group size (0 = per channel)")
+    add("--scheme", default=None, help="comma list of scheme strings (w4a4kv4, w4a16g128, ...); overrides the bit options")
+    add("--tasks", default="ppl-austen", help="comma list: ppl-austen, ppl-wikitext2, ppl-c4")
+    add("--backend", default="fake_quant", help="backend that runs the plan (default: fake_quant)")
+    add("--seed", type=int, default=0, help="seed for python/numpy/torch and random models")
+    add("--seqlen", type=int, default=2048, help="perplexity window length (GPTQ protocol: 2048)")
+    add("--ppl-windows", type=int, default=0, help="evaluate only the first N windows (0 = all; recorded in the protocol)")
+    add("--c4-variant", default="duquant-seed20", help="c4 subset: duquant-seed20, omniquant-seed0, quarot-first1100")
+    add("--batch-size", type=int, default=1, help="evaluation batch size (results are batch-size independent)")
+    add("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype (auto: fp32 on CPU, fp16 on GPU)")
+    add("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
+    add("--calib", default="austen", help="calibration corpus: austen, wikitext2, c4")
+    add("--nsamples", type=int, default=128, help="calibration windows")
+    add("--calib-seqlen", type=int, default=2048, help="calibration window length")
+    add("--calib-seed", type=int, default=0, help="calibration sampling seed (DuQuant/OmniQuant use 2, QuaRot 0)")
+    add("--results-dir", default="results", help="where result records are written (one JSON per metric)")
+    add("--leaderboard", default=None, help="also write the markdown leaderboard of --results-dir to this file")
+    add("--resume", action="store_true", help="skip cases whose results already exist in --results-dir")
+
+
+@dataclass
+class Case:
+    cfg: RunConfig
+    tasks: list[Task]
+
+    @property
+    def id(self) -> str:
+        return f"{self.cfg.method}-{self.cfg.scheme}"
+
+
+def _schemes(opt) -> list[str]:
+    if opt.scheme:
+        return _csv(opt.scheme)
+    g = f"g{opt.group}" if opt.group else ""
+    return [f"w{w}a{a}" + (f"kv{kv}" if kv != "16" else "") + g
+            for w in _csv(opt.wbits) for a in _csv(opt.abits) for kv in _csv(opt.kvbits)]
+
+
+def build_cases(opt) -> list[Case]:
+    """Validate every option and expand the (method x scheme) grid; raises QuantbenchError on bad input."""
+    load_plugins()
+    device = opt.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    models.check_available(opt.model)
+    tasks = [make_task(t, seqlen=opt.seqlen, max_windows=opt.ppl_windows, batch_size=opt.batch_size,
+                       variant=opt.c4_variant if t == "ppl-c4" else None) for t in _csv(opt.tasks)]
+    calib = {"corpus": opt.calib, "nsamples": opt.nsamples, "seqlen": opt.calib_seqlen, "seed": opt.calib_seed}
+    cases = []
+    for name in _csv(opt.method):
+        method = METHODS.get(name)
+        schemes = ["w16a16"] if not method.quantizes else _schemes(opt)
+        for s in dict.fromkeys(parse_scheme(s, method.defaults).name for s in schemes):
+            cases.append(Case(RunConfig(name, opt.model, s, opt.backend, opt.seed, opt.dtype, device, calib), tasks))
+    if not cases:
+        raise QuantbenchError("nothing to run: --method is empty")
+    return cases
+
+
+def pytest_configure(config):
+    if not hasattr(config.option, "method"):
+        return
+    logging.getLogger("quantbench").setLevel(logging.INFO)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        config._qb_cases = build_cases(config.option)
+    except QuantbenchError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        cases = metafunc.config._qb_cases
+        metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if not hasattr(config, "_qb_cases"):
+        return
+    from quantbench.reports.leaderboard import render
+    from quantbench.results import ResultStore
+
+    records = ResultStore(config.option.results_dir).records()
+    if not records:
+        return
+    text = render(records)
+    terminalreporter.write_sep("=", f"leaderboard ({config.option.results_dir})")
+    terminalreporter.write_line(text)
+    if config.option.leaderboard:
+        with open(config.option.leaderboard, "w") as f:
+            f.write(text)
+        terminalreporter.write_line(f"leaderboard written to {config.option.leaderboard}")

@@ -1,0 +1,28 @@
+"""One test per (method, scheme): quantize once, evaluate every requested task, write result records."""
+import math
+import warnings
+
+import pytest
+
+from quantbench.errors import ConfigError
+from quantbench.results import ResultStore
+from quantbench.runner import run
+
+
+def test_accuracy(case, request):
+    opt = request.config.option
+    store = ResultStore(opt.results_dir)
+    try:
+        out = run(case.cfg, case.tasks, store, resume=opt.resume)
+    except ConfigError as e:  # an impossible combination for this model (e.g. a group size)
+        pytest.fail(str(e), pytrace=False)
+    for task, why in out.unavailable.items():  # e.g. a hub dataset offline: say what is needed, keep the rest
+        warnings.warn(f"{task} not run: {why}", stacklevel=1)
+    if not out.records:
+        reasons = [f"{t}: {w}" for t, w in out.unavailable.items()] or ["results already present (--resume)"]
+        pytest.skip("; ".join(reasons))
+    ran = {t.name for t in case.tasks} - set(out.unavailable) - set(out.already_done)
+    assert {r["task"] for r in out.records} == ran
+    for r in out.records:
+        assert math.isfinite(r["value"]) and (r["metric"] != "ppl" or r["value"] >= 1.0), r
+        assert store.has(r["config_hash"], r["metric"])

@@ -1,0 +1,176 @@
+"""Corpora, GPTQ-protocol perplexity windows and seeded calibration windows (methods.md §5.1-5.2).
+
+Hub corpora (``wikitext2``, ``c4``) follow the reference repos exactly; the shipped offline corpus ``austen``
+(six public-domain novels: train = Emma, Mansfield Park, Northanger Abbey, Sense and Sensibility;
+validation = Persuasion; test = Pride and Prejudice) is named honestly and never passed off as WikiText2.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import random
+from functools import lru_cache
+from importlib import resources
+
+import torch
+
+from quantbench.errors import ConfigError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+SHIPPED = ("austen",)
+HUB = ("wikitext2", "c4")
+CORPORA = SHIPPED + HUB
+# C4 validation subsets differ between repos (methods.md §5.2, pitfall 11): name the one used.
+C4_VARIANTS = {
+    "duquant-seed20": 20,  # Hsu1023/DuQuant datautils.py::get_c4: 256 random docs >= seqlen tokens, random.seed(20)
+    "omniquant-seed0": 0,  # OpenGVLab/OmniQuant datautils.py::get_c4 (the GPTQ original), random.seed(0)
+    "quarot-first1100": None,  # spcl/QuaRot data_utils.py::get_c4_new: ' '.join(first 1100 docs)[:256*seqlen]
+}
+C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
+
+
+@lru_cache(maxsize=1)
+def corpus_manifest() -> dict:
+    return json.loads(resources.files("quantbench").joinpath("corpora/manifest.json").read_text())
+
+
+@lru_cache(maxsize=8)
+def corpus_text(name: str, split: str) -> str:
+    """Text of a shipped corpus split; every file is checked against its recorded sha256."""
+    if name not in SHIPPED:
+        raise ConfigError(f"{name!r} is not a shipped corpus; shipped: {', '.join(SHIPPED)}")
+    entry = corpus_manifest()[name]
+    if split not in entry["splits"]:
+        raise ConfigError(f"corpus {name!r} has no split {split!r}; splits: {', '.join(entry['splits'])}")
+    parts = []
+    for fname in entry["splits"][split]:
+        raw = resources.files("quantbench").joinpath(f"corpora/{fname}").read_bytes()
+        if hashlib.sha256(raw).hexdigest() != entry["sha256"][fname]:
+            raise UnavailableError(f"shipped corpus file {fname} is corrupted (sha256 mismatch); reinstall quantbench")
+        parts.append(gzip.decompress(raw).decode("utf-8"))
+    return "\n\n".join(parts)
+
+
+def _hub_dataset(path: str, **kwargs):
+    """``datasets.load_dataset`` that fails at once with what to do when the hub is unreachable."""
+    from quantbench.models import hub_reachable
+
+    import datasets
+
+    what = f"{path} {kwargs.get('name') or kwargs.get('data_files') or ''}".strip()
+    hint = (f"dataset {what} is not available: the hub cannot be reached (offline or HF_DATASETS_OFFLINE=1) and "
+            f"it is not in the datasets cache. With network, run once to cache it; offline, use the shipped "
+            f"corpus (e.g. --tasks ppl-austen).")
+    try:
+        return datasets.load_dataset(path, **kwargs)
+    except Exception as e:  # datasets raises ConnectionError / FileNotFoundError / DatasetNotFoundError offline
+        if not hub_reachable():
+            raise UnavailableError(hint) from None
+        raise UnavailableError(f"could not load dataset {what}: {e}") from e
+
+
+def _texts(corpus: str, split: str) -> list[str]:
+    if corpus == "wikitext2":
+        return _hub_dataset("wikitext", name="wikitext-2-raw-v1", split=split)["text"]
+    if corpus == "c4":
+        if split not in C4_FILES:
+            raise ConfigError(f"c4 has splits {tuple(C4_FILES)}, not {split!r}")
+        return _hub_dataset("allenai/c4", data_files={split: C4_FILES[split]}, split=split)["text"]
+    raise ConfigError(f"unknown corpus {corpus!r}; known: {', '.join(CORPORA)}")
+
+
+def _encode(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of ``text`` as the reference repos make them: one call, the tokenizer's own special tokens."""
+    return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
+def joined_ids(tokenizer, corpus: str, split: str) -> torch.Tensor:
+    """The whole split joined with "\\n\\n" (GPTQ protocol) and tokenized once."""
+    text = corpus_text(corpus, split) if corpus in SHIPPED else "\n\n".join(_texts(corpus, split))
+    return _encode(tokenizer, text)
+
+
+def ppl_windows(tokenizer, corpus: str, split: str = "test", seqlen: int = 2048, variant: str | None = None):
+    """Non-overlapping evaluation windows ``[n, seqlen]`` (tail dropped), as in all four reference repos.
+
+    For ``c4`` the ``variant`` (see :data:`C4_VARIANTS`) picks the subset; the split is always validation.
+    """
+    if corpus == "c4":
+        return _c4_eval_windows(tokenizer, seqlen, variant or "duquant-seed20")
+    if variant:
+        raise ConfigError(f"corpus {corpus!r} has no variants (only c4 does: {', '.join(C4_VARIANTS)})")
+    ids = joined_ids(tokenizer, corpus, split)
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ConfigError(f"{corpus}/{split} has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def _c4_eval_windows(tokenizer, seqlen: int, variant: str) -> torch.Tensor:
+    if variant not in C4_VARIANTS:
+        raise ConfigError(f"unknown c4 variant {variant!r}; known: {', '.join(C4_VARIANTS)}")
+    docs = _texts("c4", "validation")
+    if C4_VARIANTS[variant] is None:
+        ids = _encode(tokenizer, " ".join(docs[:1100]))[: 256 * seqlen]
+        return ids[: (ids.numel() // seqlen) * seqlen].view(-1, seqlen)
+    return _random_doc_windows(tokenizer, docs, 256, seqlen, random.Random(C4_VARIANTS[variant]))
+
+
+def _random_doc_windows(tokenizer, docs, n: int, seqlen: int, rng: random.Random) -> torch.Tensor:
+    """GPTQ ``get_c4``: pick random docs with >= seqlen tokens, one random window each."""
+    out = []
+    for _ in range(n):
+        while True:
+            ids = _encode(tokenizer, docs[rng.randint(0, len(docs) - 1)])
+            if ids.numel() >= seqlen:
+                break
+        i = rng.randint(0, ids.numel() - seqlen - 1) if ids.numel() > seqlen else 0
+        out.append(ids[i : i + seqlen])
+    return torch.stack(out)
+
+
+def calibration_windows(tokenizer, corpus: str, nsamples: int = 128, seqlen: int = 2048, seed: int = 0):
+    """Seeded random calibration windows ``[nsamples, seqlen]`` (``datautils.py::get_wikitext2`` / ``get_c4``).
+
+    Reference seeds: DuQuant/OmniQuant 2, QuaRot 0; the caller records which one it used.
+    """
+    rng = random.Random(seed)
+    if corpus == "c4":
+        return _random_doc_windows(tokenizer, _texts("c4", "train"), nsamples, seqlen, rng)
+    ids = joined_ids(tokenizer, corpus, "train")
+    if ids.numel() <= seqlen + 1:
+        raise ConfigError(f"{corpus}/train has {ids.numel()} tokens, too few for {seqlen}-token windows")
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[i : i + seqlen] for i in starts])
+
+
+def windows_digest(windows: torch.Tensor) -> str:
+    """Content hash of a set of token windows (goes into calibration ids and results)."""
+    return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+class Calibration:
+    """Lazily built calibration windows: methods that need none (RTN) never tokenize anything."""
+
+    def __init__(self, tokenizer, corpus: str = "austen", nsamples: int = 128, seqlen: int = 2048, seed: int = 0):
+        if corpus not in CORPORA:
+            raise ConfigError(f"unknown calibration corpus {corpus!r}; known: {', '.join(CORPORA)}")
+        self.tokenizer, self.corpus, self.nsamples, self.seqlen, self.seed = tokenizer, corpus, nsamples, seqlen, seed
+        self._windows = None
+
+    @property
+    def windows(self) -> torch.Tensor:
+        if self._windows is None:
+            log.info("building %d x %d calibration windows from %s (seed %d)", self.nsamples, self.seqlen,
+                     self.corpus, self.seed)
+            self._windows = calibration_windows(self.tokenizer, self.corpus, self.nsamples, self.seqlen, self.seed)
+        return self._windows
+
+    def config(self) -> dict:
+        """What identifies this calibration set (goes into config hashes and results)."""
+        split = "train" if self.corpus != "c4" else "train:" + C4_FILES["train"]
+        return {"corpus": self.corpus, "split": split, "nsamples": self.nsamples, "seqlen": self.seqlen,
+                "seed": self.seed}

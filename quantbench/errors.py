@@ -1,0 +1,13 @@
+"""Errors a user can act on. Their message says what is wrong and what to do; the bench prints it without a traceback."""
+
+
+class QuantbenchError(Exception):
+    """Base class: a clear, actionable problem with the request or the environment."""
+
+
+class ConfigError(QuantbenchError, ValueError):
+    """The request is impossible: unknown method/model/task, bad bit width, a shape a transform cannot handle."""
+
+
+class UnavailableError(QuantbenchError, RuntimeError):
+    """A model or dataset is not available here (offline, not cached, optional package missing)."""

@@ -1,0 +1,279 @@
+"""One quantizer for every method, backend and kernel reference (design §4).
+
+A :class:`QuantSpec` names a grid, a bit width, a granularity and a clip ratio; :func:`quantize` turns a tensor
+into integer codes + scale (+ zero point), :func:`dequantize` inverts it, :func:`fake_quant` does both with a
+straight-through estimator so learnable clipping (OmniQuant/DuQuant LWC) can train through it.
+
+Grids (b = bits), each as its reference code computes it:
+
+============  ==========================  =======================================================================
+grid          integer range               scale / zero point (reference)
+============  ==========================  =======================================================================
+``sym``       [-2^(b-1), 2^(b-1)-1]       s = absmax / (2^(b-1)-1), z = 0  (QuaRot ``quant_utils.py`` get_minq_maxq)
+``sym_pm``    [-(2^(b-1)-1), 2^(b-1)-1]   s = max(absmax, 1e-5) / (2^(b-1)-1)  (SmoothQuant ``fake_quant.py``)
+``asym``      [0, 2^b-1]                  min/max forced to include 0, z = round(-min/s)  (QuaRot asym)
+``minmax``    [0, 2^b-1]                  raw min/max, s clamped to [1e-5, 1e4], z = round(-min/s)
+                                          (DuQuant/OmniQuant ``quantizer.py::UniformAffineQuantizer``)
+``minmax_sym`` [0, 2^b-1]                 s = absmax / (2^(b-1)-1) clamped, z = 2^(b-1)-1  (their ``--symmetric``)
+============  ==========================  =======================================================================
+
+Granularity: ``tensor``; ``channel`` (weights [out, in]: one scale per output row) and ``token`` (activations
+[..., C]: one scale per token, computed at run time) both reduce over the last dim; ``group`` reduces over
+contiguous groups of ``group_size`` along the last dim. Clipping multiplies min and max (or absmax) by
+``clip_ratio`` or, for LWC, by per-row factors ``sigmoid(bound)``. Rounding is ``torch.round`` (half to even) in
+fp32, as in all four reference repos.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from quantbench.errors import ConfigError
+
+GRIDS = ("sym", "sym_pm", "asym", "minmax", "minmax_sym")
+GRANULARITIES = ("tensor", "channel", "token", "group")
+FP_BITS = 16  # 16 bits means "keep in floating point", as in every reference repo (``--wbits 16``)
+SCALE_MIN, SCALE_MAX = 1e-5, 1e4  # DuQuant/OmniQuant ``quantize/const.py`` CLIPMIN / CLIPMAX
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized. ``bits`` is 2..15; 16 is represented by *no spec* (see :class:`QuantScheme`)."""
+
+    bits: int
+    grid: str = "sym"
+    granularity: str = "channel"
+    group_size: int = 0
+    clip_ratio: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not 2 <= self.bits < FP_BITS:
+            raise ConfigError(f"bit width {self.bits!r} is impossible: use 2..{FP_BITS - 1} bits (16 = floating point)")
+        if self.grid not in GRIDS:
+            raise ConfigError(f"unknown grid {self.grid!r}; known grids: {', '.join(GRIDS)}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"unknown granularity {self.granularity!r}; known: {', '.join(GRANULARITIES)}")
+        if (self.granularity == "group") != (self.group_size > 0):
+            raise ConfigError("group_size > 0 goes with granularity='group' (and only with it)")
+        if not 0.0 < self.clip_ratio <= 1.0:
+            raise ConfigError(f"clip_ratio must be in (0, 1], got {self.clip_ratio}")
+
+    @property
+    def signed(self) -> bool:
+        return self.grid in ("sym", "sym_pm")
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        b = self.bits
+        if self.grid == "sym":
+            return -(2 ** (b - 1)), 2 ** (b - 1) - 1
+        if self.grid == "sym_pm":
+            return -(2 ** (b - 1) - 1), 2 ** (b - 1) - 1
+        return 0, 2**b - 1
+
+    @property
+    def code_dtype(self) -> torch.dtype:
+        if self.bits <= 8:
+            return torch.int8 if self.signed else torch.uint8
+        return torch.int16 if self.signed or self.bits < 15 else torch.int32
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View ``x`` so that the reduction for one scale is the last dim."""
+    if spec.granularity == "tensor":
+        return x.reshape(1, -1)
+    if spec.granularity == "group":
+        c = x.shape[-1]
+        if c % spec.group_size:
+            raise ConfigError(
+                f"group size {spec.group_size} does not divide the dimension {c}; "
+                f"pick a divisor of {c} or per-channel quantization"
+            )
+        return x.reshape(*x.shape[:-1], c // spec.group_size, spec.group_size)
+    return x
+
+
+def qparams(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None):
+    """Scale and zero point for ``x`` already viewed by :func:`_grouped` (reduction over the last dim).
+
+    ``lo``/``hi`` are optional per-row clip factors (LWC: ``sigmoid(lowbound)``, ``sigmoid(upbound)``) and take
+    precedence over ``spec.clip_ratio``. Returns fp32 tensors shaped ``[..., 1]``; zero is None for signed grids.
+    """
+    xf = x.float()
+    xmin = xf.amin(-1, keepdim=True)
+    xmax = xf.amax(-1, keepdim=True)
+    lo = spec.clip_ratio if lo is None else lo
+    hi = spec.clip_ratio if hi is None else hi
+    xmin, xmax = xmin * lo, xmax * hi
+    qmin, qmax = spec.qrange
+    b = spec.bits
+    if spec.grid == "sym":  # QuaRot: all-zero rows get scale 1
+        absmax = torch.maximum(xmin.abs(), xmax)
+        scale = absmax / qmax
+        return torch.where(absmax == 0, torch.ones_like(scale), scale), None
+    if spec.grid == "sym_pm":
+        return torch.maximum(xmin.abs(), xmax.abs()).clamp(min=SCALE_MIN) / qmax, None
+    if spec.grid == "asym":  # QuaRot asym: 0 forced into range; an all-zero row gets [-1, 1]
+        xmin, xmax = xmin.clamp(max=0), xmax.clamp(min=0)
+        both0 = (xmin == 0) & (xmax == 0)
+        xmin, xmax = torch.where(both0, -1.0, xmin), torch.where(both0, 1.0, xmax)
+        scale = (xmax - xmin) / qmax
+        return scale, torch.round(-xmin / scale)
+    if spec.grid == "minmax":
+        scale = ((xmax - xmin) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+        return scale, torch.round((-xmin / scale).clamp(-SCALE_MAX, SCALE_MAX))
+    # minmax_sym
+    scale = (torch.maximum(xmin.abs(), xmax.abs()) / (2 ** (b - 1) - 1)).clamp(SCALE_MIN, SCALE_MAX)
+    return scale, torch.full_like(scale, 2 ** (b - 1) - 1)
+
+
+def _round(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even; straight-through gradient when ``x`` needs one (OmniQuant ``round_ste``)."""
+    if x.requires_grad:
+        return x + (torch.round(x) - x).detach()
+    return torch.round(x)
+
+
+@dataclass
+class QTensor:
+    """Integer codes + per-row/group scale (+ zero point): what a backend receives for a weight."""
+
+    codes: torch.Tensor  # original shape, dtype spec.code_dtype
+    scale: torch.Tensor  # fp32, grouped shape [..., 1]
+    zero: torch.Tensor | None
+    spec: QuantSpec
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = _grouped(self.codes, self.spec).float()
+        if self.zero is not None:
+            q = q - self.zero
+        return (q * self.scale).reshape(self.codes.shape).to(dtype)
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, lo=None, hi=None) -> QTensor:
+    """Integer codes of ``x`` on ``spec``'s grid (finite inputs only)."""
+    if not torch.isfinite(x).all():
+        raise ConfigError(f"cannot quantize a tensor with NaN/inf values (shape {tuple(x.shape)})")
+    g = _grouped(x, spec)
+    scale, zero = qparams(g, spec, lo, hi)
+    q = torch.round(g.float() / scale)
+    if zero is not None:
+        q = q + zero
+    qmin, qmax = spec.qrange
+    codes = q.clamp(qmin, qmax).reshape(x.shape).to(spec.code_dtype)
+    return QTensor(codes, scale, zero, spec)
+
+
+def fake_quant(x: torch.Tensor, spec: QuantSpec | None, lo=None, hi=None) -> torch.Tensor:
+    """Quantize-dequantize ``x`` (same math as :func:`quantize` + :meth:`QTensor.dequantize`), STE gradients."""
+    if spec is None:
+        return x
+    g = _grouped(x, spec)
+    scale, zero = qparams(g, spec, lo, hi)
+    q = _round(g.float() / scale)
+    if zero is not None:
+        q = q + zero
+    qmin, qmax = spec.qrange
+    q = q.clamp(qmin, qmax)
+    if zero is not None:
+        q = q - zero
+    return (q * scale).reshape(x.shape).to(x.dtype)
+
+
+class LearnableClip(nn.Module):
+    """LWC: per-row clip factors ``sigmoid(upbound)``, ``sigmoid(lowbound)``, init 4.0 (OmniQuant Eq. 2;
+    ``OpenGVLab/OmniQuant:quantize/quantizer.py`` L68-80). Use as ``fake_quant(w, spec, *clip())``."""
+
+    def __init__(self, rows: int, groups: int = 1, init: float = 4.0):
+        super().__init__()
+        shape = (rows, 1) if groups == 1 else (rows, groups, 1)
+        self.upbound = nn.Parameter(torch.full(shape, init))
+        self.lowbound = nn.Parameter(torch.full(shape, init))
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.sigmoid(self.lowbound), torch.sigmoid(self.upbound)
+
+
+# --------------------------------------------------------------------------------------------- schemes
+
+_TOKEN = re.compile(r"(kvg|ag|kv|w|a|q|k|v|g)(\d+)")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """W/A/Q/K/V specs of a run. ``None`` = kept in floating point (16 bits)."""
+
+    w: QuantSpec | None = None
+    a: QuantSpec | None = None
+    q: QuantSpec | None = None
+    k: QuantSpec | None = None
+    v: QuantSpec | None = None
+    name: str = field(default="w16a16", compare=False)
+
+    @property
+    def weight_only(self) -> bool:
+        return self.a is None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **{t: (getattr(self, t).to_dict() if getattr(self, t) else None) for t in "waqkv"}}
+
+
+DEFAULT_SPECS = {  # what a scheme string means when a method does not say otherwise (QuaRot's RTN conventions)
+    "w": QuantSpec(4, "sym", "channel"),
+    "a": QuantSpec(4, "sym", "token"),
+    "q": QuantSpec(4, "sym", "token"),
+    "k": QuantSpec(4, "sym", "token"),
+    "v": QuantSpec(4, "sym", "token"),
+}
+
+
+def parse_scheme(text: str, defaults: dict[str, QuantSpec] | None = None) -> QuantScheme:
+    """Parse ``w4a4``, ``w4a16g128``, ``w4a4kv4``, ``w8a8``, ``w3a16``, ``w2a16g64``, ``w4a4q4kv4ag128``...
+
+    Tokens: ``w``/``a``/``q``/``k``/``v``/``kv`` + bits; ``g`` = weight group size (``w4a16g128`` is the usual
+    "W4A16 g128"); ``ag`` / ``kvg`` = activation / KV group sizes. ``w`` and ``a`` are required; 16 bits means
+    floating point. ``defaults`` gives each tensor's grid and granularity (a method's conventions).
+    """
+    s = text.strip().lower()
+    toks = _TOKEN.findall(s)
+    if not toks or "".join(k + v for k, v in toks) != s:
+        raise ConfigError(f"cannot parse quantization scheme {text!r}; expected e.g. w4a4, w4a16g128, w4a4kv4")
+    vals: dict[str, int] = {}
+    for key, num in toks:
+        for k in ("k", "v") if key == "kv" else (key,):
+            if k in vals:
+                raise ConfigError(f"scheme {text!r} sets {k!r} twice")
+            vals[k] = int(num)
+    if "w" not in vals or "a" not in vals:
+        raise ConfigError(f"scheme {text!r} must give both weight and activation bits (e.g. w4a16)")
+    specs = {**DEFAULT_SPECS, **(defaults or {})}
+    out = {}
+    for t in "waqkv":
+        bits = vals.get(t, FP_BITS)
+        if not 2 <= bits <= FP_BITS:
+            raise ConfigError(f"bit width {bits} for {t!r} in {text!r} is impossible: use 2..16 (16 = floating point)")
+        if bits == FP_BITS:
+            continue
+        group = {"w": vals.get("g", 0), "a": vals.get("ag", 0)}.get(t, vals.get("kvg", 0) if t in "kv" else 0)
+        base = replace(specs[t], bits=bits)
+        out[t] = replace(base, granularity="group", group_size=group) if group else base
+    return QuantScheme(**out, name=canonical_name(vals))
+
+
+def canonical_name(vals: dict[str, int]) -> str:
+    """Stable scheme name: w, a, then q, kv (or k, v), then group sizes."""
+    parts = [f"w{vals['w']}", f"a{vals['a']}"]
+    if "q" in vals:
+        parts.append(f"q{vals['q']}")
+    if "k" in vals and vals.get("k") == vals.get("v"):
+        parts.append(f"kv{vals['k']}")
+    else:
+        parts += [f"{t}{vals[t]}" for t in "kv" if t in vals]
+    parts += [f"{t}{vals[t]}" for t in ("g", "ag", "kvg") if vals.get(t)]
+    return "".join(parts)

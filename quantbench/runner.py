@@ -1,0 +1,145 @@
+"""One benchmark run: load -> quantize (method) -> realize (backend) -> evaluate (tasks) -> result records."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from quantbench import models
+from quantbench.data import Calibration
+from quantbench.errors import UnavailableError
+from quantbench.quant import parse_scheme
+from quantbench.registry import BACKENDS, METHODS, load_plugins
+from quantbench.results import ResultStore, config_hash, device_info, now, peak_memory_mb, versions
+from quantbench.tasks import Task
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str
+    model: str
+    scheme: str = "w16a16"
+    backend: str = "fake_quant"
+    seed: int = 0
+    dtype: str = "auto"  # auto: float32 on CPU (no fast half math there), float16 on GPU (the papers' dtype)
+    device: str = "cpu"
+    calibration: dict = field(default_factory=lambda: {"corpus": "austen", "nsamples": 128, "seqlen": 2048,
+                                                       "seed": 0})
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if self.device == "cpu" else torch.float16
+        return DTYPES[self.dtype]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@dataclass
+class RunOutcome:
+    records: list[dict] = field(default_factory=list)  # written this time
+    unavailable: dict[str, str] = field(default_factory=dict)  # task -> why its data could not be had
+    already_done: list[str] = field(default_factory=list)  # tasks skipped by resume
+
+
+def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = False) -> RunOutcome:
+    """Run one (method, model, scheme, backend) configuration on ``tasks`` and write their records.
+
+    Task data is prepared before quantizing, so an unavailable dataset costs no calibration; such tasks are
+    reported in the outcome, the others still run. With ``resume``, tasks whose records already exist are not
+    evaluated again (and if none is left, the model is not quantized).
+    """
+    load_plugins()
+    method = METHODS.get(cfg.method)()
+    backend = BACKENDS.get(cfg.backend)
+    scheme = parse_scheme(cfg.scheme, method.defaults)
+    seed_everything(cfg.seed)
+    lm = models.load(cfg.model, cfg.torch_dtype, cfg.device, seed=cfg.seed)
+    calib = Calibration(lm.tokenizer, **cfg.calibration) if method.needs_calibration else None
+    base = {
+        "method": cfg.method, "backend": cfg.backend, "seed": cfg.seed, "dtype": str(cfg.torch_dtype)[6:],
+        "model": {k: lm.info[k] for k in ("name", "id", "revision", "tokenizer_hash")},
+        "scheme": scheme.to_dict(), "calibration": calib.config() if calib else None,
+    }
+    run_id = config_hash(base)
+    out = RunOutcome()
+    todo = []
+    for task in tasks:
+        if resume and _done(store, base, task):
+            out.already_done.append(task.name)
+            continue
+        try:
+            task.prepare(lm.tokenizer)
+            todo.append(task)
+        except UnavailableError as e:
+            log.warning("%s: %s", task.name, e)
+            out.unavailable[task.name] = str(e)
+    if not todo:
+        return out
+    t0 = time.perf_counter()
+    qm = method.quantize(lm, scheme, calib)
+    module = backend(qm)
+    quant_s = time.perf_counter() - t0
+    if cfg.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    for task in todo:
+        t1 = time.perf_counter()
+        metrics = task.evaluate(module, lm.tokenizer)
+        wall = time.perf_counter() - t1
+        peak, peak_kind = peak_memory_mb(cfg.device)
+        for metric, value in metrics.items():
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{task.name} {metric} is {value} for {cfg.method} {scheme.name}")
+            full = {**base, "task": task.config, "metric": metric}
+            rec = {
+                "schema": 1, "config_hash": config_hash(full), "run_id": run_id,
+                "method": cfg.method, "model": cfg.model, "model_id": lm.info["id"],
+                "model_revision": lm.info["revision"], "model_notes": lm.info["notes"],
+                "tokenizer_hash": lm.info["tokenizer_hash"], "tokenizer_class": lm.info["tokenizer_class"],
+                "scheme": scheme.name, "scheme_spec": scheme.to_dict(), "backend": cfg.backend,
+                "dtype": base["dtype"], "task": task.name, "task_config": task.config,
+                "task_options": task.run_options, "metric": metric, "value": value, "protocol": task.protocol,
+                "seed": cfg.seed, "calibration": {**base["calibration"], "windows_sha256": _digest(calib)}
+                if calib else None, "method_info": _jsonable(qm.info), "versions": versions(),
+                "device": device_info(cfg.device), "quant_wall_s": round(quant_s, 3), "wall_s": round(wall, 3),
+                "peak_mem_mb": round(peak, 1), "peak_mem_kind": peak_kind, "created": now(),
+            }
+            store.write(rec)
+            out.records.append(rec)
+            log.info("%s %s %s %s %s = %.4f (%.1fs)", cfg.model, cfg.method, scheme.name, task.protocol, metric,
+                     value, wall)
+    return out
+
+
+def _done(store: ResultStore, base: dict, task: Task) -> bool:
+    return bool(task.metrics) and all(
+        store.has(config_hash({**base, "task": task.config, "metric": m}), m) for m in task.metrics)
+
+
+def _digest(calib: Calibration) -> str:
+    from quantbench.data import windows_digest
+
+    return windows_digest(calib.windows)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return asdict(obj) if hasattr(obj, "__dataclass_fields__") else str(obj)

@@ -1,0 +1,37 @@
+"""Evaluation tasks. ``make_task("ppl-austen", seqlen=2048)`` -> a :class:`Task` with a protocol label.
+
+A task family registers a factory in ``TASKS`` under its prefix (``ppl``); a task name is ``<prefix>-<arg>``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from quantbench.errors import ConfigError
+from quantbench.registry import TASKS
+
+
+@dataclass
+class Task:
+    name: str
+    protocol: str  # e.g. ppl/gptq/austen-test/seqlen2048
+    config: dict  # everything that determines the value (enters the config hash)
+    run_options: dict = field(default_factory=dict)  # recorded, not hashed (batch size: value-neutral)
+    metrics: ClassVar[tuple[str, ...]] = ()  # metric names ``evaluate`` returns
+
+    def prepare(self, tokenizer) -> None:
+        """Load and tokenize the task's data (before any quantization, so a missing dataset fails fast)."""
+
+    def evaluate(self, model, tokenizer) -> dict[str, float]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def make_task(name: str, **options) -> Task:
+    prefix, _, arg = name.partition("-")
+    if prefix not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; known families: {', '.join(f'{p}-<...>' for p in sorted(TASKS))}"
+                          f" (e.g. ppl-austen, ppl-wikitext2, ppl-c4)")
+    return TASKS[prefix](arg, **options)
+
+
+from quantbench.tasks import ppl  # noqa: E402,F401  (registers)

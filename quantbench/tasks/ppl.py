@@ -1,0 +1,67 @@
+"""GPTQ-protocol perplexity (methods.md §5.2): non-overlapping seqlen windows, mean token CE per window over the
+seqlen-1 shifted targets, PPL = exp(mean over windows). No BOS per window. Batch-size independent: each window's
+loss is computed on its own row, batching only groups rows.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from quantbench import data
+from quantbench.errors import ConfigError
+from quantbench.registry import TASKS
+from quantbench.tasks import Task
+
+DEFAULT_SPLIT = {"austen": "test", "wikitext2": "test", "c4": "validation"}
+
+
+class PerplexityTask(Task):
+    metrics = ("ppl",)
+
+    def prepare(self, tokenizer) -> None:
+        c = self.config
+        windows = data.ppl_windows(tokenizer, c["corpus"], c["split"], c["seqlen"], c.get("variant"))
+        self.windows = windows[: c["max_windows"]] if c["max_windows"] else windows
+
+    def evaluate(self, model, tokenizer) -> dict[str, float]:
+        if getattr(self, "windows", None) is None:
+            self.prepare(tokenizer)
+        losses = window_losses(model, self.windows, self.run_options.get("batch_size", 1), desc=self.name)
+        return {"ppl": math.exp(losses.mean().item())}
+
+
+@torch.no_grad()
+def window_losses(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl") -> torch.Tensor:
+    """Mean next-token cross-entropy of each window (fp32), shape ``[n]``."""
+    device = next(model.parameters()).device
+    out = []
+    for i in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
+        ids = windows[i : i + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        out.append(ce.mean(1).cpu())
+    losses = torch.cat(out)
+    if not torch.isfinite(losses).all():
+        raise FloatingPointError(f"non-finite loss in {int((~torch.isfinite(losses)).sum())} windows")
+    return losses
+
+
+@TASKS.register("ppl")
+def make_ppl(corpus: str, seqlen: int = 2048, max_windows: int = 0, split: str | None = None,
+             variant: str | None = None, batch_size: int = 1, **_) -> PerplexityTask:
+    if corpus not in data.CORPORA:
+        raise ConfigError(f"unknown perplexity corpus {corpus!r}; known: "
+                          f"{', '.join('ppl-' + c for c in data.CORPORA)}")
+    if seqlen < 2 or max_windows < 0 or batch_size < 1:
+        raise ConfigError("perplexity needs seqlen >= 2, max_windows >= 0 (0 = all), batch_size >= 1")
+    split = split or DEFAULT_SPLIT[corpus]
+    if corpus == "c4":
+        variant = variant or "duquant-seed20"
+    where = f"{corpus}-{split}" + (f"/{variant}" if variant else "")
+    protocol = f"ppl/gptq/{where}/seqlen{seqlen}" + (f"/first{max_windows}windows" if max_windows else "")
+    config = {"kind": "ppl", "corpus": corpus, "split": split, "seqlen": seqlen, "max_windows": max_windows,
+              "variant": variant}
+    return PerplexityTask(f"ppl-{corpus}", protocol, config, {"batch_size": batch_size})

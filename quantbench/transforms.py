@@ -1,0 +1,80 @@
+"""Online input transforms of a linear layer and how each folds into the weight (design §3, ``LinearPlan.pre``).
+
+Row-vector convention, as ``nn.Linear``: ``y = x Wᵀ``. A transform ``T`` applied online to ``x`` is compensated
+by the weight ``T.fold(W)``, so ``F.linear(T(x), T.fold(W)) == F.linear(x, W)`` in exact arithmetic:
+for an orthogonal ``M`` (``x -> x M``) the weight becomes ``W M``; for a smoothing scale (``x -> x / s``,
+SmoothQuant Eq. 3) the weight becomes ``W diag(s)``. Methods fold offline what they can and leave the rest
+online in the plan, where a kernel backend may fuse it with activation quantization.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quantbench.errors import ConfigError
+
+
+class OnlineTransform(nn.Module):
+    """Base: ``forward`` transforms activations ``[..., C]``; ``fold`` gives the compensating weight."""
+
+    def fold(self, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class Scale(OnlineTransform):
+    """``x -> x / s`` (smoothing); the weight absorbs ``s`` column-wise."""
+
+    def __init__(self, s: torch.Tensor):
+        super().__init__()
+        self.register_buffer("s", s.detach().clone())
+
+    def forward(self, x):
+        return x / self.s.to(x.dtype)
+
+    def fold(self, weight):
+        return weight * self.s.to(weight.dtype)
+
+
+class Rotation(OnlineTransform):
+    """``x -> x M`` for an orthogonal ``M`` of size C x C."""
+
+    def __init__(self, m: torch.Tensor):
+        super().__init__()
+        self.register_buffer("m", m.detach().clone())
+
+    def forward(self, x):
+        return x @ self.m.to(x.dtype)
+
+    def fold(self, weight):
+        return weight @ self.m.to(weight.dtype)
+
+
+class BlockRotation(OnlineTransform):
+    """The same ``b x b`` orthogonal matrix on every contiguous block of ``b`` channels (DuQuant Remark 2)."""
+
+    def __init__(self, r: torch.Tensor):
+        super().__init__()
+        self.register_buffer("r", r.detach().clone())
+
+    def forward(self, x):
+        b = self.r.shape[0]
+        if x.shape[-1] % b:
+            raise ConfigError(f"block rotation of size {b} cannot transform a dimension of {x.shape[-1]}")
+        return (x.reshape(*x.shape[:-1], -1, b) @ self.r.to(x.dtype)).reshape(x.shape)
+
+    fold = forward  # orthogonal: W -> W M, i.e. the same map on the weight's rows
+
+
+class Permute(OnlineTransform):
+    """``x -> x[..., perm]`` along channels only (never along tokens: any batch size and length)."""
+
+    def __init__(self, perm: torch.Tensor):
+        super().__init__()
+        if not torch.equal(torch.sort(perm).values, torch.arange(perm.numel())):
+            raise ConfigError("Permute needs a permutation of 0..C-1")
+        self.register_buffer("perm", perm.detach().clone().long())
+
+    def forward(self, x):
+        return x.index_select(-1, self.perm)
+
+    fold = forward

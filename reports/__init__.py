@@ -1,0 +1,1 @@
+"""Reports: markdown leaderboards from a results directory."""

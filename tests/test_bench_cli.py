@@ -1,0 +1,38 @@
+"""The pytest bench driver end to end (subprocess): records, leaderboard file, and one-line usage errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bench(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "pytest", "bench/", "-q", "-p", "no:cacheprovider", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_bench_writes_records_and_leaderboard(tmp_path):
+    res, board = tmp_path / "res", tmp_path / "board.md"
+    p = bench("--model", "tiny-llama", "--method", "fp16,rtn", "--wbits", "4", "--abits", "4,16", "--seqlen",
+              "128", "--ppl-windows", "2", "--tasks", "ppl-austen,ppl-wikitext2", "--results-dir", str(res),
+              "--leaderboard", str(board))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "3 passed" in p.stdout and "ppl-wikitext2 not run" in p.stdout  # offline hub task: a clear warning
+    recs = [json.loads(f.read_text()) for f in res.glob("*.json")]
+    assert sorted(r["scheme"] for r in recs) == ["w16a16", "w4a16", "w4a4"]
+    text = board.read_text()
+    assert "| fp16" in text and "| rtn      | w4a4" in text
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--method", "nope"], "unknown method 'nope'"),
+    (["--model", "llama-2-7b"], "not in the local Hugging Face cache"),
+    (["--wbits", "1"], "impossible"),
+    (["--tasks", "ppl-foo"], "unknown perplexity corpus 'foo'"),
+])
+def test_bad_input_is_a_usage_error(args, msg):
+    p = bench(*args)
+    assert p.returncode == 4 and msg in p.stderr and "Traceback" not in p.stderr + p.stdout

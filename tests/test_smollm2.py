@@ -1,0 +1,27 @@
+"""The real offline model: geometry, provenance caveat, and RTN W4A4 hurting perplexity (short run)."""
+import pytest
+
+from quantbench import models
+from quantbench.results import ResultStore
+from quantbench.runner import RunConfig, run
+from quantbench.tasks import make_task
+
+pytestmark = pytest.mark.slow
+
+
+def test_smollm2_geometry():
+    lm = models.load("smollm2-135m")
+    a = lm.adapter
+    assert (a.hidden_size, a.intermediate_size, a.num_heads, a.num_kv_heads, a.head_dim) == (576, 1536, 9, 3, 64)
+    assert len(a.blocks) == 30 and a.tied_embeddings
+    assert "Q4_1" in lm.info["notes"] and lm.info["revision"].startswith("gguf-sha256:")
+
+
+def test_rtn_w4a4_ppl_above_fp16(tmp_path):
+    task = [make_task("ppl-austen", seqlen=512, max_windows=1)]
+    store = ResultStore(tmp_path)
+    fp = run(RunConfig("fp16", "smollm2-135m"), task, store).records[0]
+    q = run(RunConfig("rtn", "smollm2-135m", "w4a4"), task, store).records[0]
+    assert 5 < fp["value"] < 100  # a real pretrained LM on English prose
+    assert q["value"] > 1.5 * fp["value"]  # massive down_proj activations break per-token 4-bit RTN
+    assert "Q4_1" in q["model_notes"] and q["model_id"].startswith("HuggingFaceTB/SmolLM2-135M")
