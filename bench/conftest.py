@@ -96,6 +96,8 @@ def pytest_configure(config):
     if not hasattr(config.option, "method"):
         return
     logging.getLogger("quantbench").setLevel(logging.INFO)
+    if config.option.log_cli_level is None:  # live "what is happening" logs unless the user chose a level
+        config.option.log_cli_level = "INFO"
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         config._qb_cases = build_cases(config.option)

@@ -9,11 +9,12 @@ from quantbench.results import ResultStore
 from quantbench.runner import run
 
 
-def test_accuracy(case, request):
+def test_accuracy(case, request, capsys):
     opt = request.config.option
     store = ResultStore(opt.results_dir)
     try:
-        out = run(case.cfg, case.tasks, store, resume=opt.resume)
+        with capsys.disabled():  # progress bars and logs go to the terminal as the run goes
+            out = run(case.cfg, case.tasks, store, resume=opt.resume)
     except ConfigError as e:  # an impossible combination for this model (e.g. a group size)
         pytest.fail(str(e), pytrace=False)
     for task, why in out.unavailable.items():  # e.g. a hub dataset offline: say what is needed, keep the rest

@@ -23,7 +23,7 @@ class RTN(Method):
             try:
                 weight = quantize(lin.weight.detach(), scheme.w) if scheme.w else None
             except ConfigError as e:
-                raise ConfigError(f"{name} ({tuple(lin.weight.shape)}): {e}") from None
+                raise ConfigError(f"{name}: {e}") from None
             qm.linears[name] = LinearPlan(weight=weight, act=scheme.a)
         for i in range(len(lm.adapter.blocks)):
             qm.attention[i] = AttentionPlan(q=scheme.q, k=scheme.k, v=scheme.v)

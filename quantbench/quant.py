@@ -78,7 +78,7 @@ class QuantSpec:
     def code_dtype(self) -> torch.dtype:
         if self.bits <= 8:
             return torch.int8 if self.signed else torch.uint8
-        return torch.int16 if self.signed or self.bits < 15 else torch.int32
+        return torch.int16  # <= 15 bits, signed or not
 
     def to_dict(self) -> dict:
         return asdict(self)

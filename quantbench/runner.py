@@ -15,7 +15,7 @@ from quantbench.data import Calibration
 from quantbench.errors import UnavailableError
 from quantbench.quant import parse_scheme
 from quantbench.registry import BACKENDS, METHODS, load_plugins
-from quantbench.results import ResultStore, config_hash, device_info, now, peak_memory_mb, versions
+from quantbench.results import SCHEMA, ResultStore, config_hash, device_info, now, peak_memory_mb, versions
 from quantbench.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
             out.unavailable[task.name] = str(e)
     if not todo:
         return out
+    log.info("%s: %s %s on %s (backend %s)", cfg.model, cfg.method, scheme.name, cfg.device, cfg.backend)
     t0 = time.perf_counter()
     qm = method.quantize(lm, scheme, calib)
     module = backend(qm)
@@ -105,7 +106,7 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
                 raise FloatingPointError(f"{task.name} {metric} is {value} for {cfg.method} {scheme.name}")
             full = {**base, "task": task.config, "metric": metric}
             rec = {
-                "schema": 1, "config_hash": config_hash(full), "run_id": run_id,
+                "schema": SCHEMA, "config_hash": config_hash(full), "run_id": run_id,
                 "method": cfg.method, "model": cfg.model, "model_id": lm.info["id"],
                 "model_revision": lm.info["revision"], "model_notes": lm.info["notes"],
                 "tokenizer_hash": lm.info["tokenizer_hash"], "tokenizer_class": lm.info["tokenizer_class"],

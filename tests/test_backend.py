@@ -77,3 +77,14 @@ def test_per_token_activation_quant_is_batch_independent(ids):
     together = logits(model, ids)
     apart = torch.cat([logits(model, ids[:1]), logits(model, ids[1:])])
     torch.testing.assert_close(together, apart, rtol=1e-5, atol=1e-5)
+
+
+def test_nan_weight_is_a_clear_error_naming_the_layer():
+    import pytest
+
+    from quantbench.errors import ConfigError
+
+    lm = models.load("tiny-llama")
+    lm.model.model.layers[1].mlp.up_proj.weight.data[3, 5] = float("nan")
+    with pytest.raises(ConfigError, match=r"model\.layers\.1\.mlp\.up_proj: .*NaN/inf.*\(256, 128\)"):
+        METHODS.get("rtn")().quantize(lm, parse_scheme("w4a4"), None)
