@@ -203,6 +203,7 @@ class LearnableClip(nn.Module):
 # --------------------------------------------------------------------------------------------- schemes
 
 _TOKEN = re.compile(r"(kvg|ag|kv|w|a|q|k|v|g)(\d+)")
+GROUP_KEY = {"w": "g", "a": "ag", "k": "kvg", "v": "kvg"}  # tensor -> the token that sets its group size
 
 
 @dataclass(frozen=True)
@@ -215,10 +216,6 @@ class QuantScheme:
     k: QuantSpec | None = None
     v: QuantSpec | None = None
     name: str = field(default="w16a16", compare=False)
-
-    @property
-    def weight_only(self) -> bool:
-        return self.a is None
 
     def to_dict(self) -> dict:
         return {"name": self.name, **{t: (getattr(self, t).to_dict() if getattr(self, t) else None) for t in "waqkv"}}
@@ -260,14 +257,18 @@ def parse_scheme(text: str, defaults: dict[str, QuantSpec] | None = None) -> Qua
             raise ConfigError(f"bit width {bits} for {t!r} in {text!r} is impossible: use 2..16 (16 = floating point)")
         if bits == FP_BITS:
             continue
-        group = {"w": vals.get("g", 0), "a": vals.get("ag", 0)}.get(t, vals.get("kvg", 0) if t in "kv" else 0)
+        group = vals.get(GROUP_KEY.get(t, ""), 0)
         base = replace(specs[t], bits=bits)
         out[t] = replace(base, granularity="group", group_size=group) if group else base
     return QuantScheme(**out, name=canonical_name(vals))
 
 
 def canonical_name(vals: dict[str, int]) -> str:
-    """Stable scheme name: w, a, then q, kv (or k, v), then group sizes."""
+    """Stable scheme name: w, a, then q, kv (or k, v), then group sizes; no-op tokens (``kv16``, a group size of
+    a floating-point tensor) are dropped so equal schemes get equal names (and config hashes)."""
+    vals = {t: b for t, b in vals.items() if not (t in "qkv" and b == FP_BITS)}
+    vals = {t: b for t, b in vals.items() if t not in GROUP_KEY.values()
+            or any(vals.get(x, FP_BITS) < FP_BITS for x, g in GROUP_KEY.items() if g == t)}
     parts = [f"w{vals['w']}", f"a{vals['a']}"]
     if "q" in vals:
         parts.append(f"q{vals['q']}")

@@ -5,7 +5,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -114,7 +114,7 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
                 "dtype": base["dtype"], "task": task.name, "task_config": task.config,
                 "task_options": task.run_options, "metric": metric, "value": value, "protocol": task.protocol,
                 "seed": cfg.seed, "calibration": {**base["calibration"], "windows_sha256": _digest(calib)}
-                if calib else None, "method_info": _jsonable(qm.info), "versions": versions(),
+                if calib else None, "method_info": qm.info, "versions": versions(),
                 "device": device_info(cfg.device), "quant_wall_s": round(quant_s, 3), "wall_s": round(wall, 3),
                 "peak_mem_mb": round(peak, 1), "peak_mem_kind": peak_kind, "created": now(),
             }
@@ -135,12 +135,3 @@ def _digest(calib: Calibration) -> str:
 
     return windows_digest(calib.windows)
 
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return asdict(obj) if hasattr(obj, "__dataclass_fields__") else str(obj)

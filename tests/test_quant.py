@@ -115,6 +115,8 @@ def test_spec_errors(bad):
     ("w4g128a16", "w4a16g128", 4, None, 128, None),
     ("w16a16", "w16a16", None, None, 0, None),
     ("w4a8k4v4", "w4a8kv4", 4, 8, 0, 4),
+    ("w4a4kv16", "w4a4", 4, 4, 0, None),
+    ("w16a16g128", "w16a16", None, None, 0, None),
 ])
 def test_parse_scheme(text, name, w, a, wg, kv):
     s = parse_scheme(text)
