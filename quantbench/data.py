@@ -55,20 +55,25 @@ def corpus_text(name: str, split: str) -> str:
 
 
 def _hub_dataset(path: str, **kwargs):
-    """``datasets.load_dataset`` that fails at once with what to do when the hub is unreachable."""
-    from quantbench.models import hub_reachable
+    """``datasets.load_dataset`` that never waits on retries: when a fast probe finds no hub, it runs in offline
+    mode (a cached copy still loads) and an uncached dataset fails at once with what to do."""
+    import contextlib
 
     import datasets
 
+    from quantbench.models import hub_reachable, offline_mode
+
     what = f"{path} {kwargs.get('name') or kwargs.get('data_files') or ''}".strip()
-    hint = (f"dataset {what} is not available: the hub cannot be reached (offline or HF_DATASETS_OFFLINE=1) and "
-            f"it is not in the datasets cache. With network, run once to cache it; offline, use the shipped "
-            f"corpus (e.g. --tasks ppl-austen).")
+    online = hub_reachable()
     try:
-        return datasets.load_dataset(path, **kwargs)
+        with contextlib.nullcontext() if online else offline_mode():
+            return datasets.load_dataset(path, **kwargs)
     except Exception as e:  # datasets raises ConnectionError / FileNotFoundError / DatasetNotFoundError offline
-        if not hub_reachable():
-            raise UnavailableError(hint) from None
+        if not online:
+            raise UnavailableError(
+                f"dataset {what} is not available: the hub cannot be reached (offline or HF_DATASETS_OFFLINE=1) "
+                f"and it is not in the datasets cache. With network, run once to cache it; offline, use the "
+                f"shipped corpus (e.g. --tasks ppl-austen).") from None
         raise UnavailableError(f"could not load dataset {what}: {e}") from e
 
 
@@ -87,10 +92,18 @@ def _encode(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids[0]
 
 
+_IDS: dict[tuple[str, str, str], torch.Tensor] = {}
+
+
 def joined_ids(tokenizer, corpus: str, split: str) -> torch.Tensor:
-    """The whole split joined with "\\n\\n" (GPTQ protocol) and tokenized once."""
-    text = corpus_text(corpus, split) if corpus in SHIPPED else "\n\n".join(_texts(corpus, split))
-    return _encode(tokenizer, text)
+    """The whole split joined with "\\n\\n" (GPTQ protocol), tokenized once per process and tokenizer content."""
+    from quantbench.models import tokenizer_hash
+
+    key = (tokenizer_hash(tokenizer), corpus, split)
+    if key not in _IDS:
+        text = corpus_text(corpus, split) if corpus in SHIPPED else "\n\n".join(_texts(corpus, split))
+        _IDS[key] = _encode(tokenizer, text)
+    return _IDS[key]
 
 
 def ppl_windows(tokenizer, corpus: str, split: str = "test", seqlen: int = 2048, variant: str | None = None):
@@ -106,7 +119,7 @@ def ppl_windows(tokenizer, corpus: str, split: str = "test", seqlen: int = 2048,
     n = ids.numel() // seqlen
     if n == 0:
         raise ConfigError(f"{corpus}/{split} has {ids.numel()} tokens, fewer than one window of {seqlen}")
-    return ids[: n * seqlen].view(n, seqlen)
+    return ids[: n * seqlen].clone().view(n, seqlen)  # a copy: the memoised ids stay untouched
 
 
 def _c4_eval_windows(tokenizer, seqlen: int, variant: str) -> torch.Tensor:

@@ -107,6 +107,20 @@ def hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def offline_mode():
+    """Put huggingface_hub and datasets in offline mode for a block (cache only, no retries), then restore."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
+
+
 def resolve(name: str) -> tuple[str, str]:
     """(kind, target): kind is 'builtin', 'local' or 'hub'."""
     if name in BUILTIN:

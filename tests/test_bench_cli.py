@@ -36,3 +36,12 @@ def test_bench_writes_records_and_leaderboard(tmp_path):
 def test_bad_input_is_a_usage_error(args, msg):
     p = bench(*args)
     assert p.returncode == 4 and msg in p.stderr and "Traceback" not in p.stderr + p.stdout
+
+
+def test_group_size_that_does_not_divide_fails_the_case_clearly(tmp_path):
+    p = bench("--model", "tiny-llama", "--method", "rtn", "--group", "96", "--seqlen", "64", "--ppl-windows", "1",
+              "--results-dir", str(tmp_path))
+    out = p.stdout + p.stderr
+    assert p.returncode == 1 and "group size 96 does not divide the dimension 128" in out
+    assert "model.layers.0.self_attn.q_proj" in out and "Traceback" not in out
+    assert not list(tmp_path.glob("*.json"))  # nothing half-written

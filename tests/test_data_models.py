@@ -95,3 +95,20 @@ def test_local_directory_round_trip(tmp_path, tokenizer):
     ids = torch.randint(0, 1024, (1, 16))
     with torch.no_grad():
         assert torch.equal(lm.model(input_ids=ids).logits, m(input_ids=ids).logits)
+
+
+def test_no_offline_variables_still_no_retry_wait(tokenizer, monkeypatch):
+    """A user without HF_*_OFFLINE and without network: the probe fails, datasets runs cache-only, no 24 s retries."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=2.0: False)
+    t0 = time.perf_counter()
+    with pytest.raises(UnavailableError, match="wikitext.*not available"):
+        data.ppl_windows(tokenizer, "wikitext2")
+    assert time.perf_counter() - t0 < 5
+    assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # restored
