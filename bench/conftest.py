@@ -17,7 +17,7 @@ import torch
 
 from quantbench import models
 from quantbench.errors import QuantbenchError
-from quantbench.quant import parse_scheme
+from quantbench.quant import override_specs, parse_scheme
 from quantbench.registry import METHODS, load_plugins
 from quantbench.runner import DTYPES, RunConfig
 from quantbench.tasks import Task, make_task
@@ -37,6 +37,11 @@ def pytest_addoption(parser):
     add("--kvbits", default="16", help="comma list of K/V bits (16 = FP)")
     add("--group", type=int, default=0, help="weight group size (0 = per channel)")
     add("--scheme", default=None, help="comma list of scheme strings (w4a4kv4, w4a16g128, ...); overrides the bit options")
+    add("--wgrid", default=None, help="weight grid: sym, sym_pm, asym, minmax, minmax_sym (default: the method's)")
+    add("--agrid", default=None, help="activation grid (default: the method's)")
+    add("--kvgrid", default=None, help="K/V grid (default: the method's)")
+    add("--aclip", type=float, default=None, help="activation clip ratio in (0, 1] (default: the method's)")
+    add("--kvclip", type=float, default=None, help="K/V clip ratio in (0, 1] (default: the method's)")
     add("--tasks", default="ppl-austen", help="comma list: ppl-austen, ppl-wikitext2, ppl-c4")
     add("--backend", default="fake_quant", help="backend that runs the plan (default: fake_quant)")
     add("--seed", type=int, default=0, help="seed for python/numpy/torch and random models")
@@ -73,6 +78,16 @@ def _schemes(opt) -> list[str]:
             for w in _csv(opt.wbits) for a in _csv(opt.abits) for kv in _csv(opt.kvbits)]
 
 
+def _quantizer_overrides(opt) -> dict:
+    out: dict[str, dict] = {}
+    for tensors, key, value in (("w", "grid", opt.wgrid), ("a", "grid", opt.agrid), ("kv", "grid", opt.kvgrid),
+                                ("a", "clip_ratio", opt.aclip), ("kv", "clip_ratio", opt.kvclip)):
+        if value is not None:
+            for t in tensors:
+                out.setdefault(t, {})[key] = value
+    return out
+
+
 def build_cases(opt) -> list[Case]:
     """Validate every option and expand the (method x scheme) grid; raises QuantbenchError on bad input."""
     load_plugins()
@@ -81,12 +96,17 @@ def build_cases(opt) -> list[Case]:
     tasks = [make_task(t, seqlen=opt.seqlen, max_windows=opt.ppl_windows, batch_size=opt.batch_size,
                        variant=opt.c4_variant if t == "ppl-c4" else None) for t in _csv(opt.tasks)]
     calib = {"corpus": opt.calib, "nsamples": opt.nsamples, "seqlen": opt.calib_seqlen, "seed": opt.calib_seed}
+    overrides = _quantizer_overrides(opt)
     cases = []
     for name in _csv(opt.method):
         method = METHODS.get(name)
-        schemes = ["w16a16"] if not method.quantizes else _schemes(opt)
-        for s in dict.fromkeys(parse_scheme(s, method.defaults).name for s in schemes):
-            cases.append(Case(RunConfig(name, opt.model, s, opt.backend, opt.seed, opt.dtype, device, calib), tasks))
+        if not method.quantizes:
+            cases.append(Case(RunConfig(name, opt.model, "w16a16", opt.backend, opt.seed, opt.dtype, device), tasks))
+            continue
+        specs = override_specs(method.defaults, overrides)  # validates grids and clip ratios up front
+        for s in dict.fromkeys(parse_scheme(s, specs).name for s in _schemes(opt)):
+            cases.append(Case(RunConfig(name, opt.model, s, opt.backend, opt.seed, opt.dtype, device, calib,
+                                        overrides), tasks))
     if not cases:
         raise QuantbenchError("nothing to run: --method is empty")
     return cases

@@ -230,6 +230,19 @@ DEFAULT_SPECS = {  # what a scheme string means when a method does not say other
 }
 
 
+def override_specs(defaults: dict[str, QuantSpec], overrides: dict[str, dict]) -> dict[str, QuantSpec]:
+    """A method's default specs with user overrides, e.g. ``{"w": {"grid": "minmax"}, "a": {"clip_ratio": 0.9}}``."""
+    out = {**DEFAULT_SPECS, **defaults}
+    for t, fields in overrides.items():
+        if t not in out:
+            raise ConfigError(f"no quantizer {t!r} to override; tensors: {', '.join(out)}")
+        bad = set(fields) - {"grid", "granularity", "group_size", "clip_ratio"}
+        if bad:
+            raise ConfigError(f"cannot override {sorted(bad)} of the {t!r} quantizer")
+        out[t] = replace(out[t], **fields)
+    return out
+
+
 def parse_scheme(text: str, defaults: dict[str, QuantSpec] | None = None) -> QuantScheme:
     """Parse ``w4a4``, ``w4a16g128``, ``w4a4kv4``, ``w8a8``, ``w3a16``, ``w2a16g64``, ``w4a4q4kv4ag128``...
 

@@ -13,7 +13,7 @@ import torch
 from quantbench import models
 from quantbench.data import Calibration
 from quantbench.errors import UnavailableError
-from quantbench.quant import parse_scheme
+from quantbench.quant import override_specs, parse_scheme
 from quantbench.registry import BACKENDS, METHODS, load_plugins
 from quantbench.results import SCHEMA, ResultStore, config_hash, device_info, now, peak_memory_mb, versions
 from quantbench.tasks import Task
@@ -33,6 +33,7 @@ class RunConfig:
     device: str = "cpu"
     calibration: dict = field(default_factory=lambda: {"corpus": "austen", "nsamples": 128, "seqlen": 2048,
                                                        "seed": 0})
+    quantizers: dict = field(default_factory=dict)  # per tensor (w/a/q/k/v) QuantSpec overrides, e.g. {"w": {"grid": "minmax"}}
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -65,7 +66,7 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
     load_plugins()
     method = METHODS.get(cfg.method)()
     backend = BACKENDS.get(cfg.backend)
-    scheme = parse_scheme(cfg.scheme, method.defaults)
+    scheme = parse_scheme(cfg.scheme, override_specs(method.defaults, cfg.quantizers))
     seed_everything(cfg.seed)
     lm = models.load(cfg.model, cfg.torch_dtype, cfg.device, seed=cfg.seed)
     calib = Calibration(lm.tokenizer, **cfg.calibration) if method.needs_calibration else None

@@ -141,3 +141,17 @@ def test_parse_scheme_with_method_defaults():
 def test_parse_scheme_errors(bad, msg):
     with pytest.raises(ConfigError, match=msg):
         parse_scheme(bad)
+
+
+def test_override_specs():
+    from quantbench.quant import DEFAULT_SPECS, override_specs
+
+    specs = override_specs(DEFAULT_SPECS, {"w": {"grid": "minmax"}, "a": {"grid": "minmax", "clip_ratio": 0.9}})
+    s = parse_scheme("w4a4", specs)
+    assert (s.w.grid, s.a.grid, s.a.clip_ratio, s.w.clip_ratio) == ("minmax", "minmax", 0.9, 1.0)
+    with pytest.raises(ConfigError, match="unknown grid"):
+        override_specs(DEFAULT_SPECS, {"w": {"grid": "nf4"}})
+    with pytest.raises(ConfigError, match="cannot override"):
+        override_specs(DEFAULT_SPECS, {"w": {"bits": 3}})
+    with pytest.raises(ConfigError, match="clip_ratio"):
+        override_specs(DEFAULT_SPECS, {"a": {"clip_ratio": 0.0}})
