@@ -50,8 +50,9 @@ def _own_version() -> str:
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                              text=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(  # code changes only: generated reports do not make a run "dirty"
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
+             ":!reports/results", ":!reports/*.md"], capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return v
     return f"{v}+g{sha}{'.dirty' if dirty else ''}" if sha else v
