@@ -6,7 +6,6 @@ registered transformers attention function, so no decoder layer is copied.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from quantbench import models
-from quantbench.data import Calibration
+from quantbench.data import Calibration, windows_digest
 from quantbench.errors import UnavailableError
 from quantbench.quant import override_specs, parse_scheme
 from quantbench.registry import BACKENDS, METHODS, load_plugins
@@ -97,6 +97,16 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
     quant_s = time.perf_counter() - t0
     if cfg.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    # run-level provenance, once (versions() shells out to git)
+    shared = {
+        "run_id": run_id, "method": cfg.method, "model": cfg.model, "model_id": lm.info["id"],
+        "model_revision": lm.info["revision"], "model_notes": lm.info["notes"],
+        "tokenizer_hash": lm.info["tokenizer_hash"], "tokenizer_class": lm.info["tokenizer_class"],
+        "scheme": scheme.name, "scheme_spec": scheme.to_dict(), "backend": cfg.backend, "dtype": base["dtype"],
+        "seed": cfg.seed, "calibration": {**base["calibration"], "windows_sha256": windows_digest(calib.windows)}
+        if calib else None, "method_info": qm.info, "versions": versions(), "device": device_info(cfg.device),
+        "quant_wall_s": round(quant_s, 3),
+    }
     for task in todo:
         t1 = time.perf_counter()
         metrics = task.evaluate(module, lm.tokenizer)
@@ -107,17 +117,10 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
                 raise FloatingPointError(f"{task.name} {metric} is {value} for {cfg.method} {scheme.name}")
             full = {**base, "task": task.config, "metric": metric}
             rec = {
-                "schema": SCHEMA, "config_hash": config_hash(full), "run_id": run_id,
-                "method": cfg.method, "model": cfg.model, "model_id": lm.info["id"],
-                "model_revision": lm.info["revision"], "model_notes": lm.info["notes"],
-                "tokenizer_hash": lm.info["tokenizer_hash"], "tokenizer_class": lm.info["tokenizer_class"],
-                "scheme": scheme.name, "scheme_spec": scheme.to_dict(), "backend": cfg.backend,
-                "dtype": base["dtype"], "task": task.name, "task_config": task.config,
-                "task_options": task.run_options, "metric": metric, "value": value, "protocol": task.protocol,
-                "seed": cfg.seed, "calibration": {**base["calibration"], "windows_sha256": _digest(calib)}
-                if calib else None, "method_info": qm.info, "versions": versions(),
-                "device": device_info(cfg.device), "quant_wall_s": round(quant_s, 3), "wall_s": round(wall, 3),
-                "peak_mem_mb": round(peak, 1), "peak_mem_kind": peak_kind, "created": now(),
+                **shared, "schema": SCHEMA, "config_hash": config_hash(full), "task": task.name,
+                "task_config": task.config, "task_options": task.run_options, "metric": metric, "value": value,
+                "protocol": task.protocol, "wall_s": round(wall, 3), "peak_mem_mb": round(peak, 1),
+                "peak_mem_kind": peak_kind, "created": now(),
             }
             store.write(rec)
             out.records.append(rec)
@@ -129,10 +132,4 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
 def _done(store: ResultStore, base: dict, task: Task) -> bool:
     return bool(task.metrics) and all(
         store.has(config_hash({**base, "task": task.config, "metric": m}), m) for m in task.metrics)
-
-
-def _digest(calib: Calibration) -> str:
-    from quantbench.data import windows_digest
-
-    return windows_digest(calib.windows)
 
