@@ -42,6 +42,10 @@ def pytest_addoption(parser):
     add("--kvgrid", default=None, help="K/V grid (default: the method's)")
     add("--aclip", type=float, default=None, help="activation clip ratio in (0, 1] (default: the method's)")
     add("--kvclip", type=float, default=None, help="K/V clip ratio in (0, 1] (default: the method's)")
+    add("--rotate-mode", default=None, help="QuaRot residual rotation: hadamard (randomized, default) or random")
+    add("--method-opt", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+        help="method options (e.g. act_order=true,percdamp=0.1,w_clip=true,clips=paper); each goes to the "
+             "selected methods that have it")
     add("--tasks", default="ppl-austen", help="comma list: ppl-austen, ppl-wikitext2, ppl-c4")
     add("--backend", default="fake_quant", help="backend that runs the plan (default: fake_quant)")
     add("--seed", type=int, default=0, help="seed for python/numpy/torch and random models")
@@ -88,6 +92,25 @@ def _quantizer_overrides(opt) -> dict:
     return out
 
 
+def _method_options(opt, methods: list) -> dict[str, dict]:
+    """Per method, the --method-opt / --rotate-mode settings it accepts; an option no selected method has is an error."""
+    given: dict[str, str] = {}
+    for item in opt.method_opt:
+        for kv in _csv(item):
+            key, sep, value = kv.partition("=")
+            if not sep or not key.strip():
+                raise QuantbenchError(f"--method-opt expects KEY=VALUE, got {kv!r}")
+            given[key.strip()] = value.strip()
+    if opt.rotate_mode is not None:
+        given["rotate_mode"] = opt.rotate_mode
+    unused = [k for k in given if not any(k in m.options for m in methods)]
+    if unused:
+        known = sorted({k for m in methods for k in m.options})
+        raise QuantbenchError(f"no selected method has option {', '.join(unused)}; their options: "
+                              f"{', '.join(known) or 'none'}")
+    return {m.name: {k: v for k, v in given.items() if k in m.options} for m in methods}
+
+
 def build_cases(opt) -> list[Case]:
     """Validate every option and expand the (method x scheme) grid; raises QuantbenchError on bad input."""
     load_plugins()
@@ -98,15 +121,19 @@ def build_cases(opt) -> list[Case]:
     calib = {"corpus": opt.calib, "nsamples": opt.nsamples, "seqlen": opt.calib_seqlen, "seed": opt.calib_seed}
     overrides = _quantizer_overrides(opt)
     cases = []
-    for name in _csv(opt.method):
-        method = METHODS.get(name)
+    methods = [METHODS.get(name) for name in dict.fromkeys(_csv(opt.method))]
+    method_opts = _method_options(opt, methods)
+    for method in methods:
+        name = method.name
+        options = method_opts[name]
+        method(**options)  # validates option values up front
         if not method.quantizes:
             cases.append(Case(RunConfig(name, opt.model, "w16a16", opt.backend, opt.seed, opt.dtype, device), tasks))
             continue
-        specs = override_specs(method.defaults, overrides)  # validates grids and clip ratios up front
+        specs = override_specs(method(**options).specs(), overrides)  # validates grids and clips up front
         for s in dict.fromkeys(parse_scheme(s, specs).name for s in _schemes(opt)):
             cases.append(Case(RunConfig(name, opt.model, s, opt.backend, opt.seed, opt.dtype, device, calib,
-                                        overrides), tasks))
+                                        overrides, options), tasks))
     if not cases:
         raise QuantbenchError("nothing to run: --method is empty")
     return cases

@@ -5,26 +5,26 @@ without rotation): every decoder linear's weight rounded on the scheme's grid (d
 channel, ``[-8, 7]`` at 4 bits), its input quantized per token at run time, Q/K/V as the scheme says.
 Embeddings, norms and lm_head stay in floating point, as in all reference repos.
 """
-from tqdm.auto import tqdm
-
-from quantbench.errors import ConfigError
 from quantbench.method import Method
 from quantbench.plan import AttentionPlan, LinearPlan, QuantizedModel
-from quantbench.quant import quantize
 from quantbench.registry import METHODS
+from quantbench.weights import round_to_nearest
+
+
+def plain_plan(lm, scheme, **info) -> QuantizedModel:
+    """Every decoder linear with the scheme's activation spec and no transform; attention as the scheme says."""
+    qm = QuantizedModel(lm.model, lm.adapter, scheme, info={"kept_fp": ["embed_tokens", "norms", "lm_head"], **info})
+    for name, _, _, _ in lm.adapter.named_linears():
+        qm.linears[name] = LinearPlan(weight=None, act=scheme.a)
+    for i in range(len(lm.adapter.blocks)):
+        qm.attention[i] = AttentionPlan(q=scheme.q, k=scheme.k, v=scheme.v)
+    return qm
 
 
 @METHODS.register("rtn")
 class RTN(Method):
     def quantize(self, lm, scheme, calib):
-        qm = QuantizedModel(lm.model, lm.adapter, scheme,
-                            info={"kept_fp": ["embed_tokens", "norms", "lm_head"], "weights": "round-to-nearest"})
-        for name, _, _, lin in tqdm(list(lm.adapter.named_linears()), desc="rtn: quantize weights", leave=False):
-            try:
-                weight = quantize(lin.weight.detach(), scheme.w) if scheme.w else None
-            except ConfigError as e:
-                raise ConfigError(f"{name}: {e}") from None
-            qm.linears[name] = LinearPlan(weight=weight, act=scheme.a)
-        for i in range(len(lm.adapter.blocks)):
-            qm.attention[i] = AttentionPlan(q=scheme.q, k=scheme.k, v=scheme.v)
+        qm = plain_plan(lm, scheme, weights="round-to-nearest")
+        if scheme.w:
+            round_to_nearest(qm, scheme.w)
         return qm

@@ -5,6 +5,7 @@ backends run it with integer math, and both are tested against each other.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -26,8 +27,10 @@ class LinearPlan:
 
 @dataclass
 class AttentionPlan:
-    """One attention layer: specs for Q, K, V as the attention kernel sees them (after RoPE, per head, per token),
-    and an optional online transform of Q and K (e.g. a Hadamard of size head_dim) applied before quantizing."""
+    """One attention layer: specs for Q, K, V as the attention kernel sees them (Q/K after RoPE), and an optional
+    online transform of Q and K per head (e.g. a Hadamard of size head_dim, QuaRot ``QKRotationWrapper``) applied
+    before quantizing. Granularity follows QuaRot's K/V quantizers: ``token`` = one scale per token across all
+    heads (``k_groupsize=-1``), ``group`` with ``group_size=head_dim`` = one scale per token and head."""
 
     q: QuantSpec | None = None
     k: QuantSpec | None = None
@@ -42,7 +45,16 @@ class AttentionPlan:
         """Fake-quantize ``[B, heads, T, head_dim]`` tensors (idempotent, so a growing KV cache is safe)."""
         if self.qk_pre is not None:
             q, k = self.qk_pre(q), self.qk_pre(k)
-        return fake_quant(q, self.q), fake_quant(k, self.k), fake_quant(v, self.v)
+        return _per_token(q, self.q), _per_token(k, self.k), _per_token(v, self.v)
+
+
+def _per_token(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+    """Quantize ``[B, H, T, D]`` as ``[B, T, H*D]`` rows (the layout of the k/v projection output)."""
+    if spec is None:
+        return x
+    b, h, t, d = x.shape
+    rows = x.transpose(1, 2).reshape(b, t, h * d)
+    return fake_quant(rows, spec).reshape(b, t, h, d).transpose(1, 2)
 
 
 @dataclass
@@ -55,3 +67,41 @@ class QuantizedModel:
     linears: dict[str, LinearPlan] = field(default_factory=dict)
     attention: dict[int, AttentionPlan] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # method settings, what was kept FP, calibration id
+
+
+class PreLinear(nn.Module):
+    """``inner(pre(x))``: a linear with its plan's online transforms and no quantization (calibration view)."""
+
+    def __init__(self, pre: list, inner: nn.Linear):
+        super().__init__()
+        self.pre, self.inner = nn.Sequential(*pre), inner
+
+    def forward(self, x):
+        return self.inner(self.pre(x))
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The ``nn.Linear`` behind a :class:`PreLinear` (or the module itself)."""
+    return module.inner if isinstance(module, PreLinear) else module
+
+
+@contextlib.contextmanager
+def online_view(qm: QuantizedModel):
+    """Temporarily run ``qm.model`` with every planned online transform active and nothing quantized.
+
+    This is the model GPTQ calibrates on after a rotation (QuaRot ``main.py``: the online Hadamards are installed
+    before GPTQ, the activation quantizers only after it), and it equals the original model in exact arithmetic.
+    """
+    swapped = []
+    for name, plan in qm.linears.items():
+        if plan.pre:
+            parent, _, attr = name.rpartition(".")
+            owner = qm.model.get_submodule(parent)
+            lin = getattr(owner, attr)
+            setattr(owner, attr, PreLinear(plan.pre, lin))
+            swapped.append((owner, attr, lin))
+    try:
+        yield qm.model
+    finally:
+        for owner, attr, lin in swapped:
+            setattr(owner, attr, lin)

@@ -170,6 +170,29 @@ def quantize(x: torch.Tensor, spec: QuantSpec, lo=None, hi=None) -> QTensor:
     return QTensor(codes, scale, zero, spec)
 
 
+def mse_clip(x: torch.Tensor, spec: QuantSpec, norm: float = 2.4, grid: int = 100, maxshrink: float = 0.8):
+    """Per-row clip ratio ``p`` minimising ``sum |Q_p(x) - x|^norm`` over ``p = 1 - i/grid``, ``i < maxshrink*grid``.
+
+    GPTQ's ``Quantizer.find_params(mse=True)`` as QuaRot's ``--w_clip`` uses it (``quant_utils.py::WeightQuantizer``,
+    norm 2.4, grid 100, maxshrink 0.8). ``x`` is already viewed by :func:`_grouped`; returns ``[..., 1]`` fp32, to be
+    passed as ``lo = hi = p`` to :func:`qparams` / :func:`quantize`.
+    """
+    g = x.float()
+    best = torch.full(g.shape[:-1] + (1,), float("inf"), device=g.device)
+    best_p = torch.ones_like(best)
+    qmin, qmax = spec.qrange
+    for i in range(int(maxshrink * grid)):
+        p = 1 - i / grid
+        scale, zero = qparams(g, spec, p, p)
+        zero = 0 if zero is None else zero
+        q = (torch.clamp(torch.round(g / scale) + zero, qmin, qmax) - zero) * scale
+        err = (q - g).abs().pow(norm).sum(-1, keepdim=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_p = torch.where(better, torch.full_like(best_p, p), best_p)
+    return best_p
+
+
 def fake_quant(x: torch.Tensor, spec: QuantSpec | None, lo=None, hi=None) -> torch.Tensor:
     """Quantize-dequantize ``x`` (same math as :func:`quantize` + :meth:`QTensor.dequantize`), STE gradients."""
     if spec is None:

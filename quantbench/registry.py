@@ -14,6 +14,8 @@ class Registry(dict):
             if name in self:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
             self[name] = obj
+            if isinstance(obj, type):
+                obj.name = name
             return obj
 
         return deco

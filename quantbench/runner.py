@@ -34,6 +34,7 @@ class RunConfig:
     calibration: dict = field(default_factory=lambda: {"corpus": "austen", "nsamples": 128, "seqlen": 2048,
                                                        "seed": 0})
     quantizers: dict = field(default_factory=dict)  # per tensor (w/a/q/k/v) QuantSpec overrides, e.g. {"w": {"grid": "minmax"}}
+    options: dict = field(default_factory=dict)  # method options, e.g. {"rotate_mode": "random", "act_order": True}
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -64,9 +65,9 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
     evaluated again (and if none is left, the model is not quantized).
     """
     load_plugins()
-    method = METHODS.get(cfg.method)()
+    method = METHODS.get(cfg.method)(seed=cfg.seed, device=cfg.device, **cfg.options)
     backend = BACKENDS.get(cfg.backend)
-    scheme = parse_scheme(cfg.scheme, override_specs(method.defaults, cfg.quantizers))
+    scheme = parse_scheme(cfg.scheme, override_specs(method.specs(), cfg.quantizers))
     seed_everything(cfg.seed)
     lm = models.load(cfg.model, cfg.torch_dtype, cfg.device, seed=cfg.seed)
     calib = Calibration(lm.tokenizer, **cfg.calibration) if method.needs_calibration else None
@@ -75,6 +76,8 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
         "model": {k: lm.info[k] for k in ("name", "id", "revision", "tokenizer_hash")},
         "scheme": scheme.to_dict(), "calibration": calib.config() if calib else None,
     }
+    if method.opts:  # only methods with options carry the key, so option-less configs keep their hashes
+        base["method_options"] = method.opts
     run_id = config_hash(base)
     out = RunOutcome()
     todo = []
@@ -103,7 +106,7 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
         "model_revision": lm.info["revision"], "model_notes": lm.info["notes"],
         "tokenizer_hash": lm.info["tokenizer_hash"], "tokenizer_class": lm.info["tokenizer_class"],
         "scheme": scheme.name, "scheme_spec": scheme.to_dict(), "backend": cfg.backend, "dtype": base["dtype"],
-        "seed": cfg.seed, "calibration": {**base["calibration"], "windows_sha256": windows_digest(calib.windows)}
+        "seed": cfg.seed, "method_options": method.opts, "calibration": {**base["calibration"], "windows_sha256": windows_digest(calib.windows)}
         if calib else None, "method_info": qm.info, "versions": versions(), "device": device_info(cfg.device),
         "quant_wall_s": round(quant_s, 3),
     }

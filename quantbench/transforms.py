@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantbench import hadamard
 from quantbench.errors import ConfigError
 
 
@@ -78,3 +79,40 @@ class Permute(OnlineTransform):
         return x.index_select(-1, self.perm)
 
     fold = forward
+
+
+class Hadamard(OnlineTransform):
+    """``x -> x H_n / sqrt(n)`` over the last dim, ``n = K * 2^m`` (QuaRot's online Hadamard, e.g. on the down_proj
+    input, ``quant_utils.py::ActQuantWrapper.forward``; also the per-head Q/K Hadamard after RoPE)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        hadamard.factor(n)  # fail now, naming the size, if no Hadamard of this size exists
+        self.n = n
+
+    def forward(self, x):
+        return hadamard.hadamard_transform(x, self.n)
+
+    fold = forward
+
+    def extra_repr(self):
+        return f"n={self.n}"
+
+
+class HeadHadamard(OnlineTransform):
+    """``x -> x (H_heads ⊗ I_head_dim)``: a Hadamard *across* heads, each head's channels kept together (QuaRot's
+    o_proj input transform; with the per-head Hadamard fused into v_proj it makes ``H_heads ⊗ H_head_dim``)."""
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        hadamard.factor(heads)
+        self.heads, self.head_dim = heads, head_dim
+
+    def forward(self, x):
+        y = x.reshape(*x.shape[:-1], self.heads, self.head_dim).transpose(-1, -2)
+        return hadamard.hadamard_transform(y, self.heads).transpose(-1, -2).reshape(x.shape)
+
+    fold = forward
+
+    def extra_repr(self):
+        return f"heads={self.heads}, head_dim={self.head_dim}"

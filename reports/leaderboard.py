@@ -45,11 +45,34 @@ def table(group: list[dict]) -> str:
     rows = []
     for r in sorted(group, key=_row_key):
         delta = "" if base is None or r["method"] == "fp16" else f"{r['value'] - base:+.2f}"
-        rows.append([r["method"], r["scheme"], _desc(r), _fmt(r["value"]), delta, r["backend"], r["config_hash"]])
+        rows.append([_method(r), r["scheme"], _desc(r), _fmt(r["value"]), delta, _calib(r),
+                     _secs(r.get("quant_wall_s")), r["backend"], r["config_hash"]])
     better = "lower" if metric in LOWER_IS_BETTER else "higher"
-    headers = ["method", "scheme", "quantizers", f"{metric} ({better} is better)", "Δ vs fp16", "backend",
-               "config"]
+    headers = ["method", "scheme", "quantizers", f"{metric} ({better} is better)", "Δ vs fp16", "calibration",
+               "quantize", "backend", "config"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def _method(r: dict) -> str:
+    """Method name plus the options that differ from the method's registered defaults."""
+    from quantbench.registry import METHODS, load_plugins
+
+    load_plugins()
+    opts = r.get("method_options") or {}
+    defaults = METHODS[r["method"]].options if r["method"] in METHODS else {}
+    diff = [f"{k}={v}" for k, v in opts.items() if defaults.get(k, object()) != v]
+    return r["method"] + (f" ({', '.join(diff)})" if diff else "")
+
+
+def _calib(r: dict) -> str:
+    c = r.get("calibration")
+    return f"{c['corpus']} {c['nsamples']}×{c['seqlen']} s{c['seed']}" if c else ""
+
+
+def _secs(s) -> str:
+    if s is None:
+        return ""
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
 def _desc(r: dict) -> str:

@@ -32,6 +32,9 @@ def test_bench_writes_records_and_leaderboard(tmp_path):
     (["--model", "llama-2-7b"], "not in the local Hugging Face cache"),
     (["--wbits", "1"], "impossible"),
     (["--tasks", "ppl-foo"], "unknown perplexity corpus 'foo'"),
+    (["--method", "rtn,gptq", "--method-opt", "bogus=1"], "no selected method has option bogus"),
+    (["--method", "quarot", "--rotate-mode", "spin"], "rotate_mode='spin' of 'quarot': choose one of hadamard"),
+    (["--method", "gptq", "--method-opt", "act_order"], "--method-opt expects KEY=VALUE"),
 ])
 def test_bad_input_is_a_usage_error(args, msg):
     p = bench(*args)
@@ -45,3 +48,15 @@ def test_group_size_that_does_not_divide_fails_the_case_clearly(tmp_path):
     assert p.returncode == 1 and "group size 96 does not divide the dimension 128" in out
     assert "model.layers.0.self_attn.q_proj" in out and "Traceback" not in out
     assert not list(tmp_path.glob("*.json"))  # nothing half-written
+
+
+def test_method_options_reach_the_record(tmp_path):
+    p = bench("--model", "tiny-llama", "--method", "rtn,quarot-gptq", "--wbits", "4", "--abits", "4", "--seqlen",
+              "64", "--ppl-windows", "1", "--nsamples", "2", "--calib-seqlen", "64", "--rotate-mode", "random",
+              "--method-opt", "act_order=true,percdamp=0.05", "--results-dir", str(tmp_path))
+    assert p.returncode == 0, p.stdout + p.stderr
+    recs = {r["method"]: r for r in (json.loads(f.read_text()) for f in tmp_path.glob("*.json"))}
+    opts = recs["quarot-gptq"]["method_options"]
+    assert opts["rotate_mode"] == "random" and opts["act_order"] is True and opts["percdamp"] == 0.05
+    assert recs["rtn"]["method_options"] == {}
+    assert recs["quarot-gptq"]["method_info"]["gptq"]["act_order"] is True

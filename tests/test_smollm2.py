@@ -25,3 +25,18 @@ def test_rtn_w4a4_ppl_above_fp16(tmp_path):
     assert 5 < fp["value"] < 100  # a real pretrained LM on English prose
     assert q["value"] > 1.5 * fp["value"]  # massive down_proj activations break per-token 4-bit RTN
     assert "Q4_1" in q["model_notes"] and q["model_id"].startswith("HuggingFaceTB/SmolLM2-135M")
+
+
+def test_w4a4_ranking_fp16_quarot_gptq_quarot_rtn(tmp_path):
+    """Issue 3's ranking on real massive activations: rotation rescues W4A4, GPTQ on top of it helps further.
+    CI-sized: 8 x 512 calibration tokens, 4 x 512 evaluation tokens (the bench uses the full protocol)."""
+    task = [make_task("ppl-austen", seqlen=512, max_windows=4)]
+    store = ResultStore(tmp_path)
+    calib = {"corpus": "austen", "nsamples": 8, "seqlen": 512, "seed": 0}
+    ppl = {m: run(RunConfig(m, "smollm2-135m", "w16a16" if m == "fp16" else "w4a4", calibration=calib), task,
+                  store).records[0]["value"] for m in ("fp16", "quarot-gptq", "quarot", "rtn")}
+    assert ppl["fp16"] < ppl["quarot-gptq"] < ppl["quarot"] < ppl["rtn"], ppl
+    rec = {r["method"]: r for r in store.records()}
+    assert rec["quarot-gptq"]["method_info"]["o_proj_online"].startswith("full Hadamard 576")
+    assert rec["quarot-gptq"]["method_options"]["rotate_mode"] == "hadamard"
+    assert rec["quarot-gptq"]["calibration"]["nsamples"] == 8

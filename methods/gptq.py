@@ -1,0 +1,23 @@
+"""``gptq``: GPTQ weights (Frantar et al., 2023) + the scheme's dynamic activation quantization, no rotation.
+
+Weights follow ``quantbench.weights.gptq`` (QuaRot's vendored ``GPTQ.fasterquant`` + ``gptq_fwrd``): 128 windows
+x 2048 tokens of calibration by default, percdamp 0.01, block size 128, true-sequential groups, lm_head skipped.
+The grid is the suite's default (QuaRot symmetric ``[-8, 7]`` per channel) so ``gptq`` and ``rtn`` rows differ
+only in rounding; ``--wgrid asym`` gives GPTQ's asymmetric min/max grid (zero forced into range).
+"""
+from quantbench.method import Method
+from quantbench.methods.rtn import plain_plan
+from quantbench.registry import METHODS
+from quantbench.weights import GPTQ_OPTIONS, gptq, gptq_config
+
+
+@METHODS.register("gptq")
+class GPTQ(Method):
+    needs_calibration = True
+    options = GPTQ_OPTIONS
+
+    def quantize(self, lm, scheme, calib):
+        qm = plain_plan(lm, scheme, weights="gptq")
+        if scheme.w:
+            qm.info.update(gptq(qm, calib.windows, scheme.w, gptq_config(self.opts), self.device))
+        return qm

@@ -1,0 +1,66 @@
+"""``quarot`` (RTN weights) and ``quarot-gptq``: QuaRot (Ashkboos et al., 2024; ``spcl/QuaRot:fake_quant/main.py``).
+
+Flow as the reference: fuse RMSNorms, rotate (randomized Hadamard residual ``Q`` + per-head Hadamard in v_proj +
+online Hadamards on the o_proj and down_proj inputs, :mod:`quantbench.rotation`), quantize weights (RTN, or GPTQ
+calibrated on the rotated, *unquantized* model with the online Hadamards active), then quantize every decoder
+linear's input per token and K (after RoPE and a per-head Hadamard on Q and K) and V per the scheme. Q is never
+quantized by QuaRot; lm_head, embeddings and norms stay FP.
+
+Quantizers are QuaRot's: symmetric ``[-8, 7]`` (``scale = absmax/7``) weights per channel and activations per
+token; ``--agrid asym`` / ``--kvgrid asym`` give its asymmetric grid (0 forced into range). Clip ratios default to
+the code's 1.0; ``clips=paper`` uses the paper's activation 0.9 and K/V 0.95 with asymmetric K/V (QuaRot issues
+#43, #55: the paper's numbers need them; their K/V group 128 is ``kvg128`` in the scheme).
+"""
+from dataclasses import replace
+
+from quantbench.method import Method
+from quantbench.plan import AttentionPlan, LinearPlan, QuantizedModel
+from quantbench.registry import METHODS
+from quantbench.rotation import ROTATE_MODES, fuse_norms, rotate
+from quantbench.transforms import Hadamard
+from quantbench.weights import GPTQ_OPTIONS, gptq, gptq_config, round_to_nearest
+
+QUAROT_OPTIONS = {"rotate_mode": "hadamard", "embed_mean": False, "clips": "code", "w_clip": False}
+
+
+@METHODS.register("quarot")
+class QuaRot(Method):
+    options = QUAROT_OPTIONS
+    choices = {"rotate_mode": ROTATE_MODES, "clips": ("code", "paper")}
+    weights = "rtn"
+
+    def specs(self):
+        s = dict(self.defaults)
+        if self.opts["clips"] == "paper":
+            s["a"] = replace(s["a"], clip_ratio=0.9)
+            for t in "kv":
+                s[t] = replace(s[t], grid="asym", clip_ratio=0.95)
+        return s
+
+    def quantize(self, lm, scheme, calib):
+        ad = lm.adapter
+        info = {"weights": self.weights, **fuse_norms(ad, self.opts["embed_mean"])}
+        online, rot_info = rotate(ad, self.opts["rotate_mode"], self.seed)
+        info.update(rot_info, kept_fp=["embed_tokens", "lm_head", "q (QuaRot keeps Q in FP16)"])
+        qm = QuantizedModel(lm.model, ad, scheme, info=info)
+        for name, _, _, _ in ad.named_linears():
+            qm.linears[name] = LinearPlan(weight=None, pre=online.get(name, []), act=scheme.a)
+        qk = Hadamard(ad.head_dim) if scheme.k else None  # QKRotationWrapper: only when K is quantized
+        for i in range(len(ad.blocks)):
+            qm.attention[i] = AttentionPlan(q=scheme.q, k=scheme.k, v=scheme.v, qk_pre=qk)
+        if scheme.w:
+            self.quantize_weights(qm, scheme.w, calib)
+        return qm
+
+    def quantize_weights(self, qm, spec, calib):
+        round_to_nearest(qm, spec, clip_search=self.opts["w_clip"])
+
+
+@METHODS.register("quarot-gptq")
+class QuaRotGPTQ(QuaRot):
+    needs_calibration = True
+    options = {**QUAROT_OPTIONS, **GPTQ_OPTIONS}
+    weights = "gptq"
+
+    def quantize_weights(self, qm, spec, calib):
+        qm.info.update(gptq(qm, calib.windows, spec, gptq_config(self.opts), self.device))

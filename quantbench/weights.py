@@ -1,0 +1,202 @@
+"""The two weight quantizers every method reuses: round-to-nearest and GPTQ (Frantar et al., 2023).
+
+Both fill ``qm.linears[name].weight`` of an existing plan (whose online transforms are already folded into the
+FP weights), so a method decides *what* each linear computes and these decide only how its weight is rounded.
+
+GPTQ follows ``IST-DASLab/gptq:gptq.py::GPTQ.fasterquant`` as QuaRot vendors it (``fake_quant/gptq_utils.py``):
+Hessian ``H = 2/N Σ x xᵀ`` of each linear's input over the calibration set, dead columns zeroed, damping
+``percdamp · mean(diag H)``, upper Cholesky factor of ``H⁻¹``, columns quantized left to right in blocks of
+``blocksize`` with the error ``(w - q) / [H⁻¹]_jj`` spread over the remaining columns (Eq. 3 / Alg. 1 of the
+paper), optional act-order (columns by decreasing ``diag H``), group-wise scales found at each group's first
+column, optional MSE clip search, and "true sequential" groups ``[k, v, q], [o], [up, gate], [down]`` whose
+inputs are recomputed after the previous group is quantized. lm_head is never quantized.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from quantbench.errors import ConfigError
+from quantbench.layerwise import Layerwise
+from quantbench.plan import QuantizedModel, online_view, unwrap
+from quantbench.quant import QTensor, QuantSpec, _grouped, mse_clip, qparams, quantize
+
+log = logging.getLogger(__name__)
+
+TRUE_SEQUENTIAL = (("k", "v", "q"), ("o",), ("up", "gate"), ("down",))  # QuaRot gptq_fwrd ``sequential``
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    percdamp: float = 0.01
+    blocksize: int = 128
+    act_order: bool = False
+    static_groups: bool = False  # group scales from the unquantized weight (forced with act-order + groups)
+    w_clip: bool = False  # QuaRot --w_clip: GPTQ's MSE shrink search (norm 2.4, grid 100, maxshrink 0.8)
+    true_sequential: bool = True
+
+    def __post_init__(self):
+        if not 0 <= self.percdamp < 1 or self.blocksize < 1:
+            raise ConfigError(f"GPTQ needs 0 <= percdamp < 1 and blocksize >= 1, got {self.percdamp}, {self.blocksize}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_finite(name: str, w: torch.Tensor) -> None:
+    if not torch.isfinite(w).all():
+        raise ConfigError(f"{name}: cannot quantize a tensor with NaN/inf values (shape {tuple(w.shape)})")
+
+
+def round_to_nearest(qm: QuantizedModel, spec: QuantSpec, clip_search: bool = False) -> None:
+    """RTN weights for every planned linear (QuaRot ``gptq_utils.py::rtn_fwrd``; ``clip_search`` = ``--w_clip``)."""
+    for name in tqdm(list(qm.linears), desc="rtn: quantize weights", leave=False):
+        w = unwrap(qm.model.get_submodule(name)).weight.detach()
+        _check_finite(name, w)
+        try:
+            p = mse_clip(_grouped(w, spec), spec) if clip_search else None
+            qm.linears[name].weight = quantize(w, spec, p, p)
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
+
+
+class Hessian:
+    """Running ``H = 2/N Σ_samples x xᵀ`` exactly as GPTQ's ``add_batch`` accumulates it (fp32)."""
+
+    def __init__(self, columns: int, device):
+        self.h = torch.zeros(columns, columns, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float() if x.dim() > 2 else x.float()
+        batch = 1  # GPTQ counts sequences (one window per call here), not tokens
+        self.h *= self.n / (self.n + batch)
+        self.n += batch
+        x = math.sqrt(2 / self.n) * x
+        self.h += x.t() @ x
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig = GPTQConfig()) -> QTensor:
+    """GPTQ-quantize one ``[out, in]`` weight given its input Hessian ``h`` (``[in, in]``); returns integer codes.
+
+    Codes, scales and zero points come out in the original column order, so the result is an ordinary
+    per-channel or contiguous-group :class:`QTensor` a kernel can consume. Act-order with groups therefore uses
+    *static* groups (scales from the unquantized weight, GPTQ's ``--static-groups``), which keeps groups contiguous.
+    """
+    w = w.detach().float().clone()
+    h = h.detach().float().clone()
+    rows, cols = w.shape
+    group = spec.group_size if spec.granularity == "group" else 0
+    if spec.granularity not in ("channel", "group", "tensor"):
+        raise ConfigError(f"GPTQ quantizes weights per channel, group or tensor, not per {spec.granularity}")
+    if group and cols % group:
+        raise ConfigError(f"group size {group} does not divide the dimension {cols}")
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    static = bool(group) and (cfg.static_groups or cfg.act_order)
+
+    def params(x):  # scale, zero (and clip ratio) for the rows of x (a column slice)
+        if spec.granularity == "tensor":
+            x = x.reshape(1, -1)
+        p = mse_clip(x, spec) if cfg.w_clip else None
+        return qparams(x, spec, p, p)
+
+    ngroups = cols // group if group else 1
+    scales = torch.empty(rows if spec.granularity != "tensor" else 1, ngroups, device=w.device)
+    zeros = torch.empty_like(scales) if not spec.signed else None
+
+    def set_group(g, x):
+        s, z = params(x)
+        scales[:, g] = s.reshape(-1)
+        if zeros is not None:
+            zeros[:, g] = z.reshape(-1)
+
+    if not group:
+        set_group(0, w)
+    elif static:
+        for g in range(ngroups):
+            set_group(g, w[:, g * group:(g + 1) * group])
+
+    perm = torch.argsort(torch.diag(h), descending=True) if cfg.act_order else torch.arange(cols, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    damp = cfg.percdamp * torch.mean(torch.diag(h))
+    h[range(cols), range(cols)] += damp
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    qmin, qmax = spec.qrange
+    codes = torch.empty(rows, cols, device=w.device)
+    for i1 in range(0, cols, cfg.blocksize):
+        i2 = min(i1 + cfg.blocksize, cols)
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group and not static and col % group == 0:
+                set_group(col // group, w[:, col:col + group])  # block-start state, as the reference reads W
+            g = int(perm[col]) // group if group else 0
+            s = scales[:, g]
+            z = zeros[:, g] if zeros is not None else 0
+            q = torch.clamp(torch.round(w1[:, i] / s) + z, qmin, qmax)
+            codes[:, col] = q
+            err = (w1[:, i] - (q - z) * s) / hinv1[i, i]
+            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    codes = codes[:, torch.argsort(perm)]
+    if spec.granularity == "tensor":
+        shape = (1, 1)
+    elif group:
+        shape = (rows, ngroups, 1)
+    else:
+        shape = (rows, 1)
+    return QTensor(codes.to(spec.code_dtype), scales.reshape(shape),
+                   zeros.reshape(shape) if zeros is not None else None, spec)
+
+
+def gptq(qm: QuantizedModel, windows: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig = GPTQConfig(),
+         device: str = "cpu") -> dict:
+    """GPTQ every planned linear block by block (QuaRot ``gptq_fwrd``), calibrating on the plan's *online view*:
+    the planned online transforms active, activations unquantized. Returns timing info for provenance."""
+    adapter = qm.adapter
+    t0 = time.perf_counter()
+    per_block = []
+    with online_view(qm):
+        runner = Layerwise(adapter, windows, device, desc="gptq")
+        groups = TRUE_SEQUENTIAL if cfg.true_sequential else (tuple(r for g in TRUE_SEQUENTIAL for r in g),)
+        for i, block in runner:
+            tb = time.perf_counter()
+            lins = {role: unwrap(m) for role, m in adapter.linears(block).items()}
+            for roles in groups:
+                roles = [r for r in roles if adapter.linear_name(i, r) in qm.linears]
+                if not roles:
+                    continue
+                hs = {r: Hessian(lins[r].in_features, lins[r].weight.device) for r in roles}
+                runner.feed(block, {lins[r]: hs[r].add for r in roles})
+                for r in roles:
+                    name = adapter.linear_name(i, r)
+                    _check_finite(name, lins[r].weight)
+                    try:
+                        qt = gptq_quantize(lins[r].weight, hs[r].h, spec, cfg)
+                    except ConfigError as e:
+                        raise ConfigError(f"{name}: {e}") from None
+                    except torch.linalg.LinAlgError as e:
+                        raise ConfigError(f"{name}: GPTQ Cholesky failed ({e}); raise percdamp") from None
+                    qm.linears[name].weight = qt
+                    lins[r].weight.data = qt.dequantize(lins[r].weight.dtype).to(lins[r].weight.device)
+            per_block.append(time.perf_counter() - tb)
+    total = time.perf_counter() - t0
+    log.info("gptq: %d blocks in %.1fs (%.2fs/block)", len(per_block), total, sum(per_block) / len(per_block))
+    return {"gptq": cfg.to_dict(), "gptq_wall_s": round(total, 2), "gptq_s_per_block": round(
+        sum(per_block) / len(per_block), 3)}
+
+
+GPTQ_OPTIONS = GPTQConfig().to_dict()  # method options of every GPTQ-based method (reference defaults)
+
+
+def gptq_config(opts: dict) -> GPTQConfig:
+    return GPTQConfig(**{k: opts[k] for k in GPTQ_OPTIONS})

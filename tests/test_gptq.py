@@ -1,0 +1,104 @@
+"""GPTQ and the layer-wise runner: GPTQ beats RTN on a layer's output, its options do what they say, the
+runner's captured and propagated inputs are exactly the model's hidden states, the method fills every plan."""
+import pytest
+import torch
+
+from quantbench import models
+from quantbench.backends.fake_quant import realize
+from quantbench.data import Calibration
+from quantbench.errors import ConfigError
+from quantbench.layerwise import Layerwise
+from quantbench.quant import QuantSpec, _grouped, parse_scheme, qparams, quantize
+from quantbench.registry import METHODS
+from quantbench.weights import GPTQConfig, Hessian, gptq_quantize
+
+
+@pytest.fixture(scope="module")
+def layer():
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(256, 256, generator=g) / 16
+    x = torch.randn(2048, 256, generator=g) @ mix + 0.1 * torch.randn(2048, 256, generator=g)
+    x[:, :4] *= 20  # a few outlier channels, as in LLM activations
+    w = torch.randn(128, 256, generator=g)
+    h = Hessian(256, "cpu")
+    for chunk in x.split(256):
+        h.add(chunk[None])
+    return x, w, h.h
+
+
+def out_err(x, w, wq):
+    return ((x @ (w - wq).T) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("spec_kw", [dict(granularity="channel"), dict(granularity="group", group_size=64)])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_output_error_is_below_rtn(layer, bits, spec_kw, act_order):
+    x, w, h = layer
+    spec = QuantSpec(bits, "sym", **spec_kw)
+    qt = gptq_quantize(w, h, spec, GPTQConfig(act_order=act_order))
+    assert qt.codes.min() >= spec.qrange[0] and qt.codes.max() <= spec.qrange[1]
+    assert out_err(x, w, qt.dequantize()) < 0.5 * out_err(x, w, quantize(w, spec).dequantize())
+
+
+def test_act_order_with_groups_uses_static_groups_from_the_unquantized_weight(layer):
+    x, w, h = layer
+    spec = QuantSpec(4, "asym", "group", group_size=64)
+    qt = gptq_quantize(w, h, spec, GPTQConfig(act_order=True))
+    scale, zero = qparams(_grouped(w, spec), spec)
+    assert torch.equal(qt.scale, scale) and torch.equal(qt.zero, zero)
+    dynamic = gptq_quantize(w, h, spec, GPTQConfig())
+    assert not torch.equal(dynamic.scale, scale)  # groups after the first see the error-updated weight
+
+
+def test_mse_clip_and_dead_columns(layer):
+    x, w, h = layer
+    spec = QuantSpec(3, "sym")
+    clipped = gptq_quantize(w, h, spec, GPTQConfig(w_clip=True))
+    plain = gptq_quantize(w, h, spec, GPTQConfig())
+    assert (clipped.scale <= plain.scale + 1e-7).all() and (clipped.scale < plain.scale).any()
+    h2 = h.clone()
+    h2[5, :], h2[:, 5] = 0, 0
+    assert (gptq_quantize(w, h2, spec).dequantize()[:, 5] == 0).all()
+
+
+def test_gptq_config_validation():
+    with pytest.raises(ConfigError, match="percdamp"):
+        GPTQConfig(percdamp=-1)
+    with pytest.raises(ConfigError, match="group size 48 does not divide"):
+        gptq_quantize(torch.randn(4, 64), torch.eye(64), QuantSpec(4, "sym", "group", 48))
+
+
+def test_layerwise_runner_inputs_are_the_models_hidden_states():
+    lm = models.load("tiny-mistral")
+    ids = torch.randint(0, 1024, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hidden = lm.model(ids, output_hidden_states=True).hidden_states
+    runner = Layerwise(lm.adapter, ids)
+    calls = []
+    for i, block in runner:
+        torch.testing.assert_close(torch.cat(runner.inputs), hidden[i], rtol=1e-5, atol=1e-5)
+        lin = lm.adapter.linears(block)
+        runner.feed(block, {lin["o"]: lambda x: calls.append(x.shape), lin["q"]: lambda x: None})
+    assert calls == [(1, 40, 128)] * 3 * 2  # once per window and block, each pass stopped early
+    final = lm.adapter.final_norm(torch.cat(runner.inputs))
+    torch.testing.assert_close(final, hidden[-1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["gptq", "quarot-gptq"])
+def test_gptq_methods_quantize_every_linear_and_beat_rtn(tokenizer, method):
+    calib = Calibration(tokenizer, corpus="austen", nsamples=8, seqlen=128, seed=0)
+    ids = Calibration(tokenizer, corpus="austen", nsamples=2, seqlen=128, seed=1).windows  # held-out text
+    ref = models.load("tiny-llama").model(ids).logits.detach()
+    err, info = {}, {}
+    for name in (method, "rtn" if method == "gptq" else "quarot"):
+        lm = models.load("tiny-llama")
+        qm = METHODS.get(name)().quantize(lm, parse_scheme("w3a16"), calib)
+        assert set(qm.linears) == {n for n, *_ in lm.adapter.named_linears()}
+        assert all(p.weight is not None for p in qm.linears.values())
+        info[name] = qm.info
+
+        with torch.no_grad():
+            err[name] = (realize(qm)(ids).logits - ref).pow(2).mean().item()
+    assert info[method]["gptq"]["percdamp"] == 0.01 and info[method]["gptq_wall_s"] > 0
+    assert err[method] < err["rtn" if method == "gptq" else "quarot"]
