@@ -56,9 +56,11 @@ def pytest_addoption(parser):
     add("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype (auto: fp32 on CPU, fp16 on GPU)")
     add("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     add("--calib", default="austen", help="calibration corpus: austen, wikitext2, c4")
-    add("--nsamples", type=int, default=128, help="calibration windows")
-    add("--calib-seqlen", type=int, default=2048, help="calibration window length")
-    add("--calib-seed", type=int, default=0, help="calibration sampling seed (DuQuant/OmniQuant use 2, QuaRot 0)")
+    add("--nsamples", type=int, default=None, help="calibration windows (default: the method's reference recipe, "
+        "e.g. GPTQ/QuaRot/OmniQuant 128, SmoothQuant 512)")
+    add("--calib-seqlen", type=int, default=None, help="calibration window length (default: the method's, 2048 or 512)")
+    add("--calib-seed", type=int, default=None, help="calibration sampling seed (default: the method's: QuaRot/GPTQ 0, "
+        "DuQuant/OmniQuant 2, SmoothQuant 42)")
     add("--results-dir", default="results", help="where result records are written (one JSON per metric)")
     add("--leaderboard", default=None, help="also write the markdown leaderboard of --results-dir to this file")
     add("--resume", action="store_true", help="skip cases whose results already exist in --results-dir")

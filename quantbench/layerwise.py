@@ -43,14 +43,20 @@ class Layerwise:
     """Block-by-block traversal of ``adapter``'s decoder over calibration ``windows`` (``[n, seqlen]`` ids).
 
     ``for i, block in runner: ...`` visits each block with ``runner.inputs`` holding its inputs; when the loop body
-    returns, the inputs are propagated through the block as it then is. ``feed`` runs the block over all inputs
-    with hooks and stops each pass as soon as the hooked modules have been called.
+    returns, the inputs are propagated through the block as it then is (or replaced by what the body passed to
+    :meth:`set_outputs`). ``feed`` runs the block over all inputs with hooks and stops each pass as soon as the
+    hooked modules have been called. With ``fp_stream`` a second, floating-point stream is kept beside the
+    quantized one (OmniQuant): ``runner.fp_targets`` is the untouched block's output on ``runner.fp_inputs``,
+    computed before the body runs.
     """
 
     def __init__(self, adapter: LlamaAdapter, windows: torch.Tensor, device: str | torch.device = "cpu",
-                 desc: str = "calibrate"):
+                 desc: str = "calibrate", fp_stream: bool = False):
         self.adapter, self.device, self.desc = adapter, torch.device(device), desc
         self.inputs, self.kwargs = self._capture(windows)
+        self.fp_inputs = list(self.inputs) if fp_stream else None
+        self.fp_targets: list[torch.Tensor] | None = None
+        self._outputs: list[torch.Tensor] | None = None
 
     @torch.no_grad()
     def _capture(self, windows: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
@@ -82,10 +88,19 @@ class Layerwise:
             block = blocks[i]
             home = next(block.parameters()).device
             block.to(self.device)
+            if self.fp_inputs is not None:
+                self.fp_targets = self.forward(block, self.fp_inputs)
+            self._outputs = None
             yield i, block
-            self.inputs = self.forward(block)
+            self.inputs = self._outputs if self._outputs is not None else self.forward(block)
+            if self.fp_inputs is not None:
+                self.fp_inputs = self.fp_targets
             block.to(home)
             log.debug("%s: block %d done", self.desc, i)
+
+    def set_outputs(self, outputs: list[torch.Tensor]) -> None:
+        """Use ``outputs`` as the next block's inputs instead of re-running the block after the body."""
+        self._outputs = outputs
 
     @torch.no_grad()
     def forward(self, block: nn.Module, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:

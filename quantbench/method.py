@@ -31,6 +31,7 @@ class Method:
     - ``options``: method settings and their defaults (the reference code's); every one is recorded and hashed;
     - ``choices``: allowed values of string options;
     - ``needs_calibration``: whether ``quantize`` reads ``calib.windows`` (it enters the config hash only then);
+    - ``calib_defaults``: the reference recipe's calibration windows (count, length, seed) when the user names none;
     - ``quantizes``: False for the floating-point baseline, whose scheme is always w16a16.
     """
 
@@ -39,6 +40,7 @@ class Method:
     options: ClassVar[dict[str, object]] = {}
     choices: ClassVar[dict[str, tuple]] = {}
     needs_calibration: ClassVar[bool] = False
+    calib_defaults: ClassVar[dict] = {"nsamples": 128, "seqlen": 2048, "seed": 0}  # GPTQ/QuaRot: 128 x 2048, seed 0
     quantizes: ClassVar[bool] = True
 
     def __init__(self, seed: int = 0, device: str = "cpu", **opts):
@@ -47,6 +49,7 @@ class Method:
             known = ", ".join(sorted(self.options)) or "none"
             raise ConfigError(f"method {self.name!r} has no option {', '.join(unknown)}; its options: {known}")
         self.seed, self.device = seed, device
+        self.run_key: str | None = None  # the run's config hash, set by the runner (names per-block checkpoints)
         self.opts = {k: _coerce(k, opts.get(k, d), d) for k, d in self.options.items()}
         for k, allowed in self.choices.items():
             if self.opts[k] not in allowed:

@@ -29,8 +29,9 @@ class LinearPlan:
 class AttentionPlan:
     """One attention layer: specs for Q, K, V as the attention kernel sees them (Q/K after RoPE), and an optional
     online transform of Q and K per head (e.g. a Hadamard of size head_dim, QuaRot ``QKRotationWrapper``) applied
-    before quantizing. Granularity follows QuaRot's K/V quantizers: ``token`` = one scale per token across all
-    heads (``k_groupsize=-1``), ``group`` with ``group_size=head_dim`` = one scale per token and head."""
+    before quantizing. Granularity: ``token`` = one scale per token across all heads (QuaRot ``k_groupsize=-1``),
+    ``head`` = one scale per token and head (OmniQuant, DuQuant), ``group`` = contiguous groups of the
+    ``[heads * head_dim]`` row."""
 
     q: QuantSpec | None = None
     k: QuantSpec | None = None
@@ -49,9 +50,11 @@ class AttentionPlan:
 
 
 def _per_token(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
-    """Quantize ``[B, H, T, D]`` as ``[B, T, H*D]`` rows (the layout of the k/v projection output)."""
+    """Quantize ``[B, H, T, D]`` per head, or as ``[B, T, H*D]`` rows (the layout of the k/v projection output)."""
     if spec is None:
         return x
+    if spec.granularity == "head":
+        return fake_quant(x, spec)
     b, h, t, d = x.shape
     rows = x.transpose(1, 2).reshape(b, t, h * d)
     return fake_quant(rows, spec).reshape(b, t, h, d).transpose(1, 2)

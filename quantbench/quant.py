@@ -19,7 +19,9 @@ grid          integer range               scale / zero point (reference)
 
 Granularity: ``tensor``; ``channel`` (weights [out, in]: one scale per output row) and ``token`` (activations
 [..., C]: one scale per token, computed at run time) both reduce over the last dim; ``group`` reduces over
-contiguous groups of ``group_size`` along the last dim. Clipping multiplies min and max (or absmax) by
+contiguous groups of ``group_size`` along the last dim; ``head`` (Q/K/V only) is one scale per token *and head*
+(OmniQuant/DuQuant attention quantizers), where ``token`` on Q/K/V means one scale per token across all heads
+(QuaRot's ``k_groupsize=-1``). Clipping multiplies min and max (or absmax) by
 ``clip_ratio`` or, for LWC, by per-row factors ``sigmoid(bound)``. Rounding is ``torch.round`` (half to even) in
 fp32, as in all four reference repos.
 """
@@ -34,7 +36,7 @@ from torch import nn
 from quantbench.errors import ConfigError
 
 GRIDS = ("sym", "sym_pm", "asym", "minmax", "minmax_sym")
-GRANULARITIES = ("tensor", "channel", "token", "group")
+GRANULARITIES = ("tensor", "channel", "token", "group", "head")
 FP_BITS = 16  # 16 bits means "keep in floating point", as in every reference repo (``--wbits 16``)
 SCALE_MIN, SCALE_MAX = 1e-5, 1e4  # DuQuant/OmniQuant ``quantize/const.py`` CLIPMIN / CLIPMAX
 

@@ -31,8 +31,8 @@ class RunConfig:
     seed: int = 0
     dtype: str = "auto"  # auto: float32 on CPU (no fast half math there), float16 on GPU (the papers' dtype)
     device: str = "cpu"
-    calibration: dict = field(default_factory=lambda: {"corpus": "austen", "nsamples": 128, "seqlen": 2048,
-                                                       "seed": 0})
+    # corpus / nsamples / seqlen / seed; what is missing or None comes from the method's reference recipe
+    calibration: dict = field(default_factory=lambda: {"corpus": "austen"})
     quantizers: dict = field(default_factory=dict)  # per tensor (w/a/q/k/v) QuantSpec overrides, e.g. {"w": {"grid": "minmax"}}
     options: dict = field(default_factory=dict)  # method options, e.g. {"rotate_mode": "random", "act_order": True}
 
@@ -41,6 +41,11 @@ class RunConfig:
         if self.dtype == "auto":
             return torch.float32 if self.device == "cpu" else torch.float16
         return DTYPES[self.dtype]
+
+
+def calibration_config(method, given: dict) -> dict:
+    """The user's calibration settings over the method's reference recipe (``Method.calib_defaults``)."""
+    return {"corpus": "austen", **method.calib_defaults, **{k: v for k, v in given.items() if v is not None}}
 
 
 def seed_everything(seed: int) -> None:
@@ -70,7 +75,8 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
     scheme = parse_scheme(cfg.scheme, override_specs(method.specs(), cfg.quantizers))
     seed_everything(cfg.seed)
     lm = models.load(cfg.model, cfg.torch_dtype, cfg.device, seed=cfg.seed)
-    calib = Calibration(lm.tokenizer, **cfg.calibration) if method.needs_calibration else None
+    calib = Calibration(lm.tokenizer, **calibration_config(method, cfg.calibration)) \
+        if method.needs_calibration else None
     base = {
         "method": cfg.method, "backend": cfg.backend, "seed": cfg.seed, "dtype": str(cfg.torch_dtype)[6:],
         "model": {k: lm.info[k] for k in ("name", "id", "revision", "tokenizer_hash")},
@@ -95,6 +101,7 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
         return out
     log.info("%s: %s %s on %s (backend %s)", cfg.model, cfg.method, scheme.name, cfg.device, cfg.backend)
     t0 = time.perf_counter()
+    method.run_key = run_id
     qm = method.quantize(lm, scheme, calib)
     module = backend(qm)
     quant_s = time.perf_counter() - t0

@@ -1,0 +1,147 @@
+"""Block-wise quantization-aware calibration (OmniQuant §3.1; reused by DuQuant+LWC and norm-tweaking).
+
+A decoder block is trained in place: its linears are temporarily swapped for :class:`QLinearView` modules that
+compute ``Q_a(x / s_in) · Q_w^{LWC}(W diag(s_col) ⊙ r_row)ᵀ + b ⊙ r_row`` with learnable smoothing factors (LET)
+and clipping (LWC), straight-through rounding, and the block's attention quantized through its
+:class:`~quantbench.plan.AttentionPlan`. :func:`train` runs the optimiser loop with a NaN guard, and
+:class:`BlockCheckpoint` keeps each finished block's learned parameters on disk so a killed run resumes there.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantbench.quant import LearnableClip, QuantSpec, fake_quant
+
+log = logging.getLogger(__name__)
+
+
+def truncate(s: torch.Tensor, threshold: float = 1e-2) -> torch.Tensor:
+    """OmniQuant ``truncate_number``: entries with ``|s| < 1e-2`` become ``sign(s) * 1e-2``."""
+    small = s.abs() < threshold
+    return torch.where(small, torch.sign(s) * threshold, s)
+
+
+class QLinearView(nn.Module):
+    """Training view of one linear (OmniQuant ``QuantLinear`` + ``smooth_and_quant_temporary``).
+
+    ``in_div``: divide the input by it (the scale a norm or previous linear will absorb); ``col``: multiply weight
+    columns; ``row``: multiply weight rows and bias. Each is a callable returning a tensor, or None.
+    """
+
+    def __init__(self, linear: nn.Linear, w_spec: QuantSpec | None, a_spec: QuantSpec | None,
+                 clip: LearnableClip | None = None, in_div: Callable | None = None, col: Callable | None = None,
+                 row: Callable | None = None):
+        super().__init__()
+        self.inner, self.w_spec, self.a_spec, self.clip = linear, w_spec, a_spec, clip
+        self.in_div, self.col, self.row = in_div, col, row
+
+    def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The FP weight and bias after the LET factors (what is fused in place after training)."""
+        w, b = self.inner.weight, self.inner.bias
+        if self.col is not None:
+            w = w * self.col().to(w.dtype)
+        if self.row is not None:
+            r = self.row().to(w.dtype)
+            w = w * r.unsqueeze(1)
+            b = b * r if b is not None else None
+        return w, b
+
+    def qweight(self) -> torch.Tensor:
+        w, _ = self.effective()
+        if self.w_spec is None:
+            return w
+        lo_hi = self.clip() if self.clip is not None else (None, None)
+        return fake_quant(w, self.w_spec, *lo_hi)
+
+    def forward(self, x):
+        if self.in_div is not None:
+            x = x / self.in_div().to(x.dtype)
+        _, b = self.effective()
+        return F.linear(fake_quant(x, self.a_spec), self.qweight(), b)
+
+
+def install(block: nn.Module, paths: dict[str, QLinearView]) -> dict[str, nn.Module]:
+    """Swap ``block``'s linears (by attribute path) for views; returns the originals for :func:`uninstall`."""
+    orig = {}
+    for path, view in paths.items():
+        parent, _, attr = path.rpartition(".")
+        owner = block.get_submodule(parent)
+        orig[path] = getattr(owner, attr)
+        setattr(owner, attr, view)
+    return orig
+
+
+def uninstall(block: nn.Module, orig: dict[str, nn.Module]) -> None:
+    for path, lin in orig.items():
+        parent, _, attr = path.rpartition(".")
+        setattr(block.get_submodule(parent), attr, lin)
+
+
+def train(param_groups: list[dict], loss_at: Callable[[int], torch.Tensor], nsamples: int, epochs: int,
+          desc: str, before_step: Callable[[], None] | None = None) -> dict:
+    """AdamW over ``epochs`` x ``nsamples`` steps of batch 1 (OmniQuant's loop, ``wd`` 0 unless given).
+
+    NaN guard: if a loss is not finite, the parameters go back to their values at the start of that epoch and
+    training of this block stops there (the reference drops into ``pdb``). Returns per-epoch mean losses.
+    """
+    params = [p for g in param_groups for p in g["params"]]
+    if not params or epochs <= 0:
+        return {"epochs_run": 0, "loss": [], "nan_restored": False}
+    opt = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    history, restored = [], False
+    for epoch in range(epochs):
+        start = [p.detach().clone() for p in params]
+        total = 0.0
+        for j in range(nsamples):
+            if before_step is not None:
+                before_step()
+            loss = loss_at(j)
+            if not torch.isfinite(loss):
+                with torch.no_grad():
+                    for p, s in zip(params, start):
+                        p.copy_(s)
+                log.warning("%s: non-finite loss at epoch %d step %d; parameters restored to the epoch start, "
+                            "training of this block stopped", desc, epoch, j)
+                restored = True
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        if restored:
+            break
+        history.append(total / nsamples)
+        log.debug("%s epoch %d loss %.6g", desc, epoch, history[-1])
+    return {"epochs_run": len(history), "loss": history, "nan_restored": restored}
+
+
+class BlockCheckpoint:
+    """Learned per-block parameters on disk (``{block index: {name: tensor}}``), rewritten atomically after each
+    block; a resumed run loads the finished blocks instead of training them again."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.blocks: dict[int, dict[str, torch.Tensor]] = {}
+        if path is not None and path.exists():
+            try:
+                self.blocks = torch.load(path, weights_only=True)
+                log.info("resuming from %s: blocks %s already calibrated", path, sorted(self.blocks))
+            except Exception as e:  # noqa: BLE001 - a damaged checkpoint is rebuilt, never trusted
+                log.warning("checkpoint %s unreadable (%s); starting over", path, e)
+                self.blocks = {}
+
+    def save(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        self.blocks[i] = {k: v.detach().cpu().clone() for k, v in state.items()}
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+        torch.save(self.blocks, tmp)
+        os.replace(tmp, self.path)

@@ -1,0 +1,93 @@
+"""Per-channel activation statistics of every decoder linear's input, cached on disk by content.
+
+SmoothQuant (``smoothquant/calibration.py::get_act_scales``) and OmniQuant/DuQuant
+(``generate_act_scale_shift.py``) run the FP model over a calibration set with a forward hook on every linear
+and keep, per input channel, the running ``max |x|`` (the "act scales") and ``min`` / ``max`` (OmniQuant's
+"act shifts" are ``(max + min) / 2``). Which calibration set each method uses is its own (SmoothQuant: 512 x 512,
+seed 42; OmniQuant/DuQuant: 128 x 2048, seed 2) and is recorded.
+
+The cache key is the model identity (id, revision, dtype), the tokenizer hash and the sha256 of the exact token
+windows, so a different model, tokenizer or calibration set can never reuse an entry. Entries are written
+atomically with a checksum beside them; a truncated or altered entry is detected, logged and rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from quantbench import models
+from quantbench.data import windows_digest
+
+log = logging.getLogger(__name__)
+
+
+def _key(lm: models.LoadedModel, windows: torch.Tensor) -> str:
+    ident = {k: lm.info.get(k) for k in ("id", "revision", "tokenizer_hash")}
+    ident["dtype"] = str(next(lm.model.parameters()).dtype)
+    ident["windows"] = windows_digest(windows)
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def collect(lm: models.LoadedModel, windows: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    """``{linear name: {"absmax", "min", "max"}}`` (fp32, per input channel) over ``windows``, FP model."""
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+
+    def hook(name):
+        def fn(_mod, args, _out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            lo, hi = x.amin(0), x.amax(0)
+            s = stats.get(name)
+            if s is None:
+                stats[name] = {"min": lo, "max": hi}
+            else:
+                s["min"], s["max"] = torch.minimum(s["min"], lo), torch.maximum(s["max"], hi)
+
+        return fn
+
+    handles = [lin.register_forward_hook(hook(name)) for name, *_, lin in lm.adapter.named_linears()]
+    try:
+        for w in tqdm(windows, desc="activation stats", leave=False):
+            lm.model(w[None].to(lm.model.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    for s in stats.values():
+        s["absmax"] = torch.maximum(s["min"].abs(), s["max"].abs())
+    return {k: {n: t.cpu() for n, t in v.items()} for k, v in stats.items()}
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def activation_stats(lm: models.LoadedModel, windows: torch.Tensor, use_cache: bool = True) -> dict:
+    """:func:`collect`, through the on-disk cache (``<cache>/act-stats/<key>.pt`` + ``.sha256``)."""
+    key = _key(lm, windows)
+    path = models.cache_dir() / "act-stats" / f"{key}.pt"
+    check = path.with_suffix(".sha256")
+    if use_cache and path.exists():
+        try:
+            if check.read_text().strip() != _digest(path):
+                raise ValueError("checksum mismatch")
+            log.info("activation stats from cache %s", path.name)
+            return torch.load(path, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any damage means: rebuild
+            log.warning("activation stats cache %s is damaged (%s); rebuilding", path, e)
+    stats = collect(lm, windows)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        torch.save(stats, tmp)
+        digest = _digest(tmp)
+        os.replace(tmp, path)
+        tmp_check = check.with_name(f"{check.name}.tmp{os.getpid()}")
+        tmp_check.write_text(digest)
+        os.replace(tmp_check, check)
+    return stats
