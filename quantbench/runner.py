@@ -100,6 +100,8 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
     if not todo:
         return out
     log.info("%s: %s %s on %s (backend %s)", cfg.model, cfg.method, scheme.name, cfg.device, cfg.backend)
+    if calib is not None:
+        calib.windows  # noqa: B018 - build (or fail on unavailable data) before any quantization work
     t0 = time.perf_counter()
     method.run_key = run_id
     qm = method.quantize(lm, scheme, calib)

@@ -60,3 +60,11 @@ def test_method_options_reach_the_record(tmp_path):
     assert opts["rotate_mode"] == "random" and opts["act_order"] is True and opts["percdamp"] == 0.05
     assert recs["rtn"]["method_options"] == {}
     assert recs["quarot-gptq"]["method_info"]["gptq"]["act_order"] is True
+
+
+def test_unavailable_calibration_corpus_is_a_clear_skip(tmp_path):
+    p = bench("--model", "tiny-llama", "--method", "fp16,gptq", "--calib", "wikitext2", "--seqlen", "64",
+              "--ppl-windows", "1", "--results-dir", str(tmp_path), "-rs")
+    out = p.stdout + p.stderr
+    assert p.returncode == 0 and "1 passed, 1 skipped" in out, out
+    assert "gptq w4a16 not run" in out and "wikitext" in out and "Traceback" not in out
