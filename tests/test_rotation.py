@@ -5,33 +5,14 @@ import pytest
 import torch
 
 from quantbench import models
-from quantbench.adapters import adapter_for
 from quantbench.backends.fake_quant import realize
-from quantbench.models import LoadedModel
 from quantbench.plan import AttentionPlan, QuantizedModel, online_view
 from quantbench.quant import QuantSpec, fake_quant, parse_scheme
 from quantbench.registry import METHODS
 from quantbench.rotation import fuse_norms, rotate
 from quantbench.transforms import Hadamard
 
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
-
-def randomize_norms(model, seed=0):
-    """Random-init models have all-ones norm weights, which would make norm fusion untested."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.data = 0.5 + torch.rand(p.shape, generator=g)
-    return model
-
-
-def tiny_lm(name="tiny-llama", **dims):
-    model = randomize_norms(models.tiny_model(name, **dims))
-    return LoadedModel(model, models.tiny_tokenizer(), adapter_for(model), {"name": name})
+from helpers import logits, randomize_norms, tiny_lm
 
 
 def assert_invariant(lm, ids, **opts):

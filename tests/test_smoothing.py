@@ -4,23 +4,15 @@ import pytest
 import torch
 
 from quantbench import models
-from quantbench.adapters import adapter_for
 from quantbench.backends.fake_quant import realize
 from quantbench.blocktrain import BlockCheckpoint, QLinearView, install, train, uninstall
 from quantbench.data import Calibration
 from quantbench.layerwise import Layerwise
-from quantbench.models import LoadedModel
 from quantbench.quant import LearnableClip, QuantSpec, fake_quant, parse_scheme
 from quantbench.registry import METHODS
-from quantbench.stats import activation_stats, collect
+from quantbench.stats import activation_stats
 
-from tests.test_rotation import logits, randomize_norms
-
-
-def tiny_lm(name="tiny-llama", **dims):
-    model = randomize_norms(models.tiny_model(name, **dims))
-    return LoadedModel(model, models.tiny_tokenizer(), adapter_for(model),
-                       {"name": name, "id": f"test/{name}", "revision": str(sorted(dims.items()))})
+from helpers import logits, randomize_norms, tiny_lm
 
 
 @pytest.fixture(scope="module")
