@@ -21,6 +21,7 @@ from torch import nn
 
 from quantbench import hadamard
 from quantbench.adapters import LlamaAdapter
+from quantbench.errors import ConfigError
 from quantbench.transforms import Hadamard, HeadHadamard, OnlineTransform
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def rotate(adapter: LlamaAdapter, mode: str = "hadamard", seed: int = 0) -> tupl
         hadamard.factor(nh)
         o_pre: OnlineTransform = HeadHadamard(nh, hd)
         o_kind = f"across-heads Hadamard {nh} (x) I_{hd}"
-    except Exception:  # noqa: BLE001 - the fallback is recorded
+    except ConfigError:  # no Hadamard of this head count: full online Hadamard instead (recorded)
         o_pre = Hadamard(nh * hd)
         o_kind = f"full Hadamard {nh * hd} ({nh} heads admit no Hadamard)"
         log.info("quarot: %s on every o_proj input", o_kind)
