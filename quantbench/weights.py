@@ -57,8 +57,7 @@ def round_to_nearest(qm: QuantizedModel, spec: QuantSpec, clip_search: bool = Fa
     """RTN weights for every planned linear (QuaRot ``gptq_utils.py::rtn_fwrd``; ``clip_search`` = ``--w_clip``)."""
     for name in tqdm(list(qm.linears), desc="rtn: quantize weights", leave=False):
         w = unwrap(qm.model.get_submodule(name)).weight.detach()
-        _check_finite(name, w)
-        try:
+        try:  # quantize() refuses NaN/inf; the error names the layer
             p = mse_clip(_grouped(w, spec), spec) if clip_search else None
             qm.linears[name].weight = quantize(w, spec, p, p)
         except ConfigError as e:
