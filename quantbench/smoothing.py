@@ -76,3 +76,10 @@ def fuse_qk(q: nn.Linear, k: nn.Linear, s: torch.Tensor, gqa_groups: int, head_d
 def expand_kv(s: torch.Tensor, gqa_groups: int, head_dim: int) -> torch.Tensor:
     """Per-KV-channel values ``[kv_heads * head_dim]`` repeated for each KV head's query heads."""
     return s.reshape(-1, 1, head_dim).expand(-1, gqa_groups, head_dim).reshape(-1)
+
+
+def duquant_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
+    """DuQuant's smoothing (``quantize/duquant.py`` L211-213): SmoothQuant's formula with the ``|W|`` column max of
+    the one linear named in its pairs (q_proj, up_proj, down_proj, o_proj), activations clamped at 1e-5."""
+    w = weight.detach().float().abs().amax(0).clamp(min=SCALE_MIN)
+    return (act_absmax.float().clamp(min=SCALE_MIN).pow(alpha) / w.pow(1 - alpha)).clamp(min=SCALE_MIN)

@@ -88,3 +88,45 @@ def test_smoothquant_w8a8_and_w4a4_ranking_omniquant_smoothquant_rtn(tmp_path):
     assert ppl("smoothquant", "w8a8", sq) < 1.02 * fp
     rtn, smooth, omni = ppl("rtn", "w4a4"), ppl("smoothquant", "w4a4", sq), ppl("omniquant", "w4a4", om, epochs=2)
     assert omni < smooth < rtn, (omni, smooth, rtn)
+
+
+def test_duquant_is_fp_exact_on_smollm2_for_batch_1_and_3():
+    import torch
+
+    from quantbench.backends.fake_quant import realize
+    from quantbench.data import Calibration
+    from quantbench.quant import parse_scheme
+    from quantbench.registry import METHODS
+
+    lm = models.load("smollm2-135m")
+    ids = Calibration(lm.tokenizer, "austen", 3, 64, 9).windows
+    with torch.no_grad():
+        ref = lm.model(ids).logits
+
+    class Calib:
+        windows = Calibration(lm.tokenizer, "austen", 2, 128, 2).windows
+
+    qm = METHODS.get("duquant")(steps=32).quantize(lm, parse_scheme("w16a16"), Calib)
+    assert qm.info["block_size_used"] == 64  # 576 = 9 x 64: 128 does not divide it
+    model = realize(qm)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.cat([model(ids[i:i + 1]).logits for i in range(3)]), ref,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_w4a4_ranking_duquant_lwc_duquant_quarot_rtn_and_smoothquant(tmp_path):
+    """Issue 5 on real massive activations (down_proj inputs reach 2,000-3,000). CI-sized: DuQuant statistics and
+    averaged sequence from 8 x 512 tokens, LWC 2 epochs; 4 x 512 evaluation tokens."""
+    task = [make_task("ppl-austen", seqlen=512, max_windows=4)]
+    store = ResultStore(tmp_path)
+    cal = {"corpus": "austen", "nsamples": 8, "seqlen": 512}
+
+    def ppl(method, **options):
+        return run(RunConfig(method, "smollm2-135m", "w4a4", calibration=cal, options=options), task,
+                   store).records[0]["value"]
+
+    p = {m: ppl(m) for m in ("duquant", "quarot", "rtn", "smoothquant")}
+    p["duquant-lwc"] = ppl("duquant-lwc", epochs=2)
+    assert p["duquant-lwc"] <= p["duquant"] < p["quarot"] < p["rtn"], p
+    assert p["smoothquant"] > p["duquant"], p

@@ -1,0 +1,247 @@
+"""``duquant`` and ``duquant-lwc``: DuQuant (Lin et al., NeurIPS 2024; ``Hsu1023/DuQuant:quantize/duquant.py``).
+
+1. Smoothing (α 0.6; 0.5 with LWC) from per-channel ``max|X|`` statistics, fused: input_layernorm → q/k/v,
+   post_attention_layernorm → gate/up, up_proj rows → down_proj, v_proj rows → o_proj; under GQA the o_proj input
+   is divided online instead (the reference's fallback).
+2. Per block, one forward of the *averaged* calibration sequence (the mean of the block-0 inputs over the
+   calibration windows, pushed through the already-quantized blocks) with quantization on: the first linear of
+   each input group (q for q/k/v, o, gate for gate/up, down) builds its ``G = R1 · P · R2`` from its input
+   (:mod:`quantbench.duquant`), its siblings reuse it, and weights ``W Λ G`` are quantized as the pass goes.
+3. ``duquant-lwc``: learnable weight clipping trained on the rotated weights (20 epochs, AdamW lr 1e-2, MSE against
+   the FP block), as the reference's ``run_lwc.sh``; plain ``duquant`` uses the fixed weight clip 0.8 (``--swc``).
+
+Clipping precedence as the reference: fixed weight clip > LWC; activations (all linear inputs, Q and K) clipped
+at 0.9 (``--lac``); V not clipped. Q and K get a Hadamard of size head_dim after RoPE — the reference ties it to
+the block size (it must equal head_dim there); here it is head_dim whatever the block size. V is quantized without
+rotation, softmax is not quantized; embeddings, final norm and lm_head stay FP. Weights per-channel asymmetric,
+activations per-token asymmetric, Q/K/V per token and head (``w4a4q4kv4`` is the papers' "W4A4").
+
+The block size is the largest power of two ≤ ``block_size`` (128) that divides every linear input (SmolLM2's 576
+gives 64) and is recorded. The online transform (division, block rotation, gather, block rotation) is part of the
+plan and acts on channels only, so any batch size and length works (the reference assumes batch 1).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantbench import duquant as dq
+from quantbench.adapters import LINEARS
+from quantbench.backends.fake_quant import ATTN_NAME
+from quantbench.blocktrain import install, train, uninstall
+from quantbench.errors import ConfigError
+from quantbench.layerwise import Layerwise
+from quantbench.method import Method
+from quantbench.methods.rtn import plain_plan
+from quantbench.quant import LearnableClip, QuantSpec, fake_quant, quantize
+from quantbench.registry import METHODS
+from quantbench.smoothing import duquant_scales, fuse_into_linear, fuse_into_norm
+from quantbench.stats import activation_stats
+from quantbench.transforms import BlockRotation, Hadamard, Permute, Scale
+
+log = logging.getLogger(__name__)
+
+LEADER = {"q": "q", "k": "q", "v": "q", "o": "o", "gate": "gate", "up": "gate", "down": "down"}
+
+
+class DuQuantLinear(nn.Module):
+    """A linear whose input transform is calibrated on its first call (``online_duquant_cali``), then frozen.
+
+    ``y = Q_a(G(x)) · Q_w(fold_G(W))ᵀ + b``; ``pre`` holds an optional online smoothing division. Siblings point
+    at their group leader and copy its transform (``copy_quantizers_duquant_params``).
+    """
+
+    def __init__(self, inner: nn.Linear, method: DuQuant, w_spec, a_spec, pre: list, leader: DuQuantLinear | None):
+        super().__init__()
+        self.inner, self.method, self.w_spec, self.a_spec = inner, method, w_spec, a_spec
+        self.pre = list(pre)
+        self.leader = leader
+        self.transform: list | None = None
+        self.search: dq.Transform | None = None
+        self.weight_t: torch.Tensor | None = None
+        self.clip: LearnableClip | None = None
+
+    def _calibrate(self, x: torch.Tensor) -> None:
+        if self.leader is not None:
+            if self.leader.transform is None:
+                raise RuntimeError("DuQuant group leader was not called before its sibling")
+            self.transform, self.search = self.leader.transform, self.leader.search
+        else:
+            m = self.method
+            for t in self.pre:
+                x = t(x)
+            self.search = dq.calibrate(x.detach(), m.block, m.opts["steps"], m.opts["permutation_times"],
+                                       m.opts["mode"], m.gen)
+            g = []
+            for i, p in enumerate(self.search.perms):
+                g += [BlockRotation(self.search.rotations[i].float()), Permute(p)]
+            g.append(BlockRotation(self.search.rotations[-1].float()))
+            self.transform = list(self.pre) + g
+        w = self.inner.weight.detach().double()
+        for t in self.transform:
+            w = t.fold(w)
+        self.weight_t = w.to(self.inner.weight.dtype)
+
+    def forward(self, x):
+        if self.transform is None:
+            self._calibrate(x)
+        for t in self.transform:
+            x = t(x)
+        w = self.weight_t
+        if self.w_spec is not None:
+            w = fake_quant(w, self.w_spec, *(self.clip() if self.clip is not None else (None, None)))
+        return F.linear(fake_quant(x, self.a_spec), w, self.inner.bias)
+
+
+def block_size_for(ad, wanted: int) -> int:
+    """Largest power of two ≤ ``wanted`` dividing hidden, intermediate and the o_proj input size."""
+    dims = (ad.hidden_size, ad.intermediate_size, ad.num_heads * ad.head_dim)
+    b = 1 << int(math.log2(wanted))
+    while b > 1 and any(d % b for d in dims):
+        b //= 2
+    if b < 2:
+        raise ConfigError(f"no power-of-two DuQuant block size divides the model's widths {dims}")
+    return b
+
+
+@METHODS.register("duquant")
+class DuQuant(Method):
+    needs_calibration = True
+    calib_defaults = {"nsamples": 128, "seqlen": 2048, "seed": 2}
+    options = {"mode": "repo", "block_size": 128, "steps": 256, "permutation_times": 1, "alpha": 0.6,
+               "swc": 0.8, "lac": 0.9, "epochs": 0, "lwc_lr": 1e-2, "smooth": True}
+    choices = {"mode": dq.MODES}
+    defaults = {"w": QuantSpec(4, "minmax", "channel"), "a": QuantSpec(4, "minmax", "token"),
+                **{t: QuantSpec(4, "minmax", "head") for t in "qkv"}}
+
+    def specs(self):
+        from dataclasses import replace
+
+        o = self.opts
+        s = dict(self.defaults)
+        if o["swc"] > 0:  # fixed weight clip wins over LWC (reference precedence swc > lwc)
+            s["w"] = replace(s["w"], clip_ratio=o["swc"])
+        for t in "aqk":  # lac clips every linear input and Q, K (their params are copied from act_quant_params)
+            s[t] = replace(s[t], clip_ratio=o["lac"])
+        return s
+
+    def quantize(self, lm, scheme, calib):
+        ad, o = lm.adapter, self.opts
+        if o["steps"] < 0 or o["permutation_times"] < 0:
+            raise ConfigError("DuQuant steps and permutation_times must be >= 0")
+        self.block = block_size_for(ad, o["block_size"])
+        self.gen = torch.Generator().manual_seed(self.seed)
+        use_lwc = o["swc"] <= 0 and o["epochs"] > 0 and scheme.w is not None
+        gqa = ad.num_kv_heads != ad.num_heads
+        t0 = time.perf_counter()
+        o_scale = self._smooth(lm, calib) if o["smooth"] else {}
+        t_smooth = time.perf_counter() - t0
+        qm = plain_plan(lm, scheme, weights="duquant (LWC)" if use_lwc else f"duquant (fixed clip {o['swc']})",
+                        mode=o["mode"], block_size_used=self.block, smoothing=(
+                            ["qkv", "fc1", "down"] + (["out (online, GQA)"] if gqa else ["out"])) if o["smooth"]
+                        else [], qk_hadamard=ad.head_dim)
+        qk = Hadamard(ad.head_dim)
+        for i in range(len(ad.blocks)):
+            qm.attention[i].qk_pre = qk
+        cfg = ad.config
+        impl = cfg._attn_implementation
+        cfg._attn_implementation = ATTN_NAME
+        per_block = []
+        try:
+            runner = Layerwise(ad, calib.windows, self.device, desc=self.name, fp_stream=use_lwc)
+            mean = torch.stack(runner.inputs).mean(0)  # rotate_inps = inps.mean(dim=0): one averaged sequence
+            if not use_lwc:
+                runner.inputs = [mean]
+            for i, block in runner:
+                tb = time.perf_counter()
+                mean = self._block(i, block, runner, qm, o_scale.get(i), mean, use_lwc)
+                per_block.append(time.perf_counter() - tb)
+        finally:
+            cfg._attn_implementation = impl
+        qm.info.update(smooth_s=round(t_smooth, 1), calib_s_per_block=round(sum(per_block) / len(per_block), 2))
+        return qm
+
+    @torch.no_grad()
+    def _smooth(self, lm, calib) -> dict[int, torch.Tensor]:
+        """Fuse the smoothing scales; return the per-layer online o_proj divisors (GQA)."""
+        ad, alpha = lm.adapter, self.opts["alpha"]
+        stats = activation_stats(lm, calib.windows)
+        online = {}
+        for i, block in enumerate(ad.blocks):
+            lin = ad.linears(block)
+            ln1, ln2 = ad.norms(block)
+            act = lambda r: stats[ad.linear_name(i, r)]["absmax"].to(lin[r].weight.device)  # noqa: E731
+            fuse_into_norm(ln1, [lin["q"], lin["k"], lin["v"]], duquant_scales(act("q"), lin["q"].weight, alpha))
+            fuse_into_norm(ln2, [lin["gate"], lin["up"]], duquant_scales(act("up"), lin["up"].weight, alpha))
+            fuse_into_linear(lin["up"], lin["down"], duquant_scales(act("down"), lin["down"].weight, alpha))
+            s = duquant_scales(act("o"), lin["o"].weight, alpha)
+            if ad.num_kv_heads == ad.num_heads:
+                fuse_into_linear(lin["v"], lin["o"], s)
+            else:  # smooth_fc_inplace fallback: o_proj input divided online, weight multiplied
+                online[i] = s
+        return online
+
+    def _block(self, i, block, runner, qm, o_scale, mean, use_lwc):
+        ad, o, scheme = qm.adapter, self.opts, qm.scheme
+        lin = ad.linears(block)
+        views: dict[str, DuQuantLinear] = {}
+        for r in ("q", "k", "v", "o", "gate", "up", "down"):
+            pre = [Scale(o_scale)] if (r == "o" and o_scale is not None) else []
+            lead = views.get(LEADER[r]) if LEADER[r] != r else None
+            views[r] = DuQuantLinear(lin[r], self, scheme.w, scheme.a, pre, lead)  # Scale.fold: W * s
+        attn = ad.attention(block)
+        attn.qb_attention_plan = qm.attention[i]
+        orig = install(block, {LINEARS[r]: v for r, v in views.items()})
+        try:
+            with torch.no_grad():  # calibrate G on the averaged sequence, quantization on; its output goes on
+                mean = block(mean, **runner.kwargs)
+            if use_lwc:
+                qm.info.setdefault("final_loss", {})[i] = self._train_lwc(i, block, runner, views)
+                runner.set_outputs(runner.forward(block))  # quantized stream through the trained block
+            else:
+                runner.set_outputs([mean])
+        finally:
+            uninstall(block, orig)
+            del attn.qb_attention_plan
+        for r, v in views.items():
+            name = ad.linear_name(i, r)
+            lo_hi = tuple(t.detach() for t in v.clip()) if v.clip is not None else (None, None)
+            w = v.weight_t
+            if not torch.isfinite(w).all():
+                raise ConfigError(f"{name}: cannot quantize a tensor with NaN/inf values")
+            plan = qm.linears[name]
+            plan.pre = list(v.transform)
+            plan.weight = quantize(w, scheme.w, *lo_hi) if scheme.w is not None else None
+            if scheme.w is None:  # FP weights: the model's linear must hold the folded weight itself
+                lin[r].weight.data = w.to(lin[r].weight.dtype)
+        qm.info.setdefault("searches", {})[i] = {
+            r: [s.kept for s in views[r].search.searches] for r in ("q", "o", "gate", "down")}
+        return mean
+
+    def _train_lwc(self, i, block, runner, views) -> float | None:
+        """LWC on the rotated weights (``duquant.py`` L307-356): AdamW on the clip bounds only."""
+        spec = views["q"].w_spec
+        for v in views.values():
+            rows, cols = v.weight_t.shape
+            groups = cols // spec.group_size if spec.granularity == "group" else 1
+            v.clip = LearnableClip(rows, groups).to(v.weight_t.device)
+        params = [p for v in views.values() for p in v.clip.parameters()]
+        kw, targets = runner.kwargs, runner.fp_targets
+
+        def loss_at(j):
+            return F.mse_loss(block(runner.inputs[j], **kw), targets[j])
+
+        with torch.enable_grad():
+            info = train([{"params": params, "lr": self.opts["lwc_lr"]}], loss_at, len(runner.inputs),
+                         self.opts["epochs"], f"{self.name} block {i}")
+        return info["loss"][-1] if info["loss"] else None
+
+
+@METHODS.register("duquant-lwc")
+class DuQuantLWC(DuQuant):
+    options = {**DuQuant.options, "alpha": 0.5, "swc": 0.0, "epochs": 20}
