@@ -11,8 +11,7 @@ from quantbench.errors import ConfigError
 from quantbench.quant import parse_scheme
 from quantbench.registry import METHODS
 
-from tests.test_rotation import logits
-from tests.test_smoothing import tiny_lm
+from helpers import logits, tiny_lm
 
 
 def planted(seed, tokens=256, channels=1024):
