@@ -47,6 +47,7 @@ def pytest_addoption(parser):
         help="method options (e.g. act_order=true,percdamp=0.1,w_clip=true,clips=paper); each goes to the "
              "selected methods that have it")
     add("--tasks", default="ppl-austen", help="comma list: ppl-austen, ppl-wikitext2, ppl-c4")
+    add("--speed", action="store_true", help="also run the speed benchmarks (tests marked speed; pytest-benchmark)")
     add("--backend", default="fake_quant", help="backend that runs the plan (default: fake_quant)")
     add("--seed", type=int, default=0, help="seed for python/numpy/torch and random models")
     add("--seqlen", type=int, default=2048, help="perplexity window length (GPTQ protocol: 2048)")
@@ -144,6 +145,7 @@ def build_cases(opt) -> list[Case]:
 def pytest_configure(config):
     if not hasattr(config.option, "method"):
         return
+    config.addinivalue_line("markers", "speed: a speed benchmark; runs only with --speed")
     logging.getLogger("quantbench").setLevel(logging.INFO)
     if config.option.log_cli_level is None:  # live "what is happening" logs unless the user chose a level
         config.option.log_cli_level = "INFO"
@@ -152,6 +154,16 @@ def pytest_configure(config):
         config._qb_cases = build_cases(config.option)
     except QuantbenchError as e:
         raise pytest.UsageError(str(e)) from None
+
+
+def pytest_collection_modifyitems(config, items):
+    """Speed benchmarks are opt-in (``--speed``): accuracy runs should not pay for them."""
+    if config.getoption("speed", False):
+        return
+    skipped = [i for i in items if i.get_closest_marker("speed")]
+    if skipped:
+        config.hook.pytest_deselected(items=skipped)
+        items[:] = [i for i in items if not i.get_closest_marker("speed")]
 
 
 def pytest_generate_tests(metafunc):

@@ -1,7 +1,7 @@
 """Speed of DuQuant's greedy rotation search (pytest-benchmark), fast vs the reference loop, on a LLaMA-7B-shaped
 down_proj input: 2048 tokens x 11008 channels with massive activations (100-1500) at a few tokens.
 
-    pytest bench/test_duquant_search.py --benchmark-only --benchmark-columns=min,mean,rounds
+    pytest bench/test_duquant_search.py --speed --benchmark-columns=min,mean,rounds
 
 Both implementations must return the same rotation; the fast one is expected to be >= 10x faster.
 """
@@ -11,6 +11,7 @@ import torch
 from quantbench import duquant as dq
 
 STEPS, BLOCK = 256, 128
+pytestmark = pytest.mark.speed
 
 
 @pytest.fixture(scope="module")

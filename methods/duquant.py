@@ -86,6 +86,10 @@ class DuQuantLinear(nn.Module):
         for t in self.transform:
             w = t.fold(w)
         self.weight_t = w.to(self.inner.weight.dtype)
+        if self.method.use_lwc and self.w_spec is not None:  # the bounds exist (at init) during this pass too
+            spec = self.w_spec
+            groups = w.shape[1] // spec.group_size if spec.granularity == "group" else 1
+            self.clip = LearnableClip(w.shape[0], groups).to(w.device)
 
     def forward(self, x):
         if self.transform is None:
@@ -136,7 +140,7 @@ class DuQuant(Method):
             raise ConfigError("DuQuant steps and permutation_times must be >= 0")
         self.block = block_size_for(ad, o["block_size"])
         self.gen = torch.Generator().manual_seed(self.seed)
-        use_lwc = o["swc"] <= 0 and o["epochs"] > 0 and scheme.w is not None
+        use_lwc = self.use_lwc = o["swc"] <= 0 and o["epochs"] > 0 and scheme.w is not None
         gqa = ad.num_kv_heads != ad.num_heads
         t0 = time.perf_counter()
         o_scale = self._smooth(lm, calib) if o["smooth"] else {}
@@ -225,11 +229,6 @@ class DuQuant(Method):
 
     def _train_lwc(self, i, block, runner, views) -> float | None:
         """LWC on the rotated weights (``duquant.py`` L307-356): AdamW on the clip bounds only."""
-        spec = views["q"].w_spec
-        for v in views.values():
-            rows, cols = v.weight_t.shape
-            groups = cols // spec.group_size if spec.granularity == "group" else 1
-            v.clip = LearnableClip(rows, groups).to(v.weight_t.device)
         params = [p for v in views.values() for p in v.clip.parameters()]
         kw, targets = runner.kwargs, runner.fp_targets
 

@@ -62,6 +62,19 @@ def test_zigzag_order_on_a_hand_made_example():
     assert var(rot[:, p]) < var(rot)
 
 
+@pytest.mark.parametrize("times", [0, 1, 2])
+def test_calibrate_builds_rotation_permutation_rotation_and_is_orthogonal(times):
+    x = planted(3)
+    t = dq.calibrate(x, 128, steps=24, permutation_times=times, mode="paper", gen=torch.Generator().manual_seed(0))
+    assert len(t.rotations) == times + 1 and len(t.perms) == times
+    y = x.double()
+    for r, p in zip(t.rotations, t.perms + [None]):
+        y = dq.block_rotate(y, r)
+        y = y[:, p] if p is not None else y
+    torch.testing.assert_close(y.norm(dim=1), x.double().norm(dim=1), rtol=1e-12, atol=0)  # G is orthogonal
+    assert y.abs().max() < x.abs().max() / 4  # and it spreads the massive activations
+
+
 def test_block_size_must_divide():
     with pytest.raises(ConfigError, match="block size 128 does not divide the dimension 576"):
         dq.calibrate(torch.randn(4, 576), 128)
@@ -108,3 +121,24 @@ def test_duquant_picks_a_block_size_that_divides():
     lm = tiny_lm(hidden_size=192, intermediate_size=384, num_attention_heads=3, num_key_value_heads=1)
     qm = METHODS.get("duquant")(steps=4).quantize(lm, parse_scheme("w4a4"), _calib())
     assert qm.info["block_size_used"] == 64
+
+
+@pytest.mark.parametrize("method", ["duquant", "duquant-lwc"])
+def test_calibration_pass_equals_the_realized_plan(method):
+    """The averaged sequence the method propagates (quantized on the fly, as the reference) is what the realized
+    W4A4 plan computes: with one calibration window the mean *is* that window, so the last block's outputs agree."""
+    lm = tiny_lm()
+    calib = _calib(n=1)
+    last = lm.adapter.blocks[-1]
+    seen = []
+    hook = last.register_forward_hook(lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach()))
+    with torch.no_grad():
+        lm.model(calib.windows)
+    m = METHODS.get(method)(steps=16, **({"epochs": 1} if method == "duquant-lwc" else {}))
+    qm = m.quantize(lm, parse_scheme("w4a4q4kv4", m.specs()), calib)
+    with torch.no_grad():
+        realize(qm)(calib.windows)
+    hook.remove()
+    fp, calibrated, realized = seen[0], seen[-2], seen[-1]  # -2: the last pass during quantize()
+    assert (realized - fp).abs().max() > 1e-2  # quantization is really on
+    torch.testing.assert_close(realized, calibrated, rtol=1e-4, atol=1e-4)
