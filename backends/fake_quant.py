@@ -6,13 +6,16 @@ registered transformers attention function, so no decoder layer is copied.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from quantbench.plan import LinearPlan, QuantizedModel
+from quantbench.adapters import LINEARS
+from quantbench.plan import LinearPlan, QuantizedModel, unwrap
 from quantbench.quant import fake_quant
 from quantbench.registry import BACKENDS
 
@@ -65,3 +68,31 @@ def realize(qm: QuantizedModel) -> nn.Module:
     if active:
         model.config._attn_implementation = ATTN_NAME
     return model
+
+
+@contextmanager
+def quantized_block(qm: QuantizedModel, i: int, block: nn.Module):
+    """Run decoder block ``i`` as :func:`realize` would (its planned linears as :class:`FakeQuantLinear`, its
+    attention plan active) for the duration, then restore it: for methods that train through the quantized block."""
+    ad = qm.adapter
+    swapped = []
+    for role, lin in ad.linears(block).items():
+        name = ad.linear_name(i, role)
+        if name in qm.linears:
+            parent, _, attr = LINEARS[role].rpartition(".")
+            owner = block.get_submodule(parent)
+            swapped.append((owner, attr, lin))
+            setattr(owner, attr, FakeQuantLinear(unwrap(lin), qm.linears[name]))
+    attn, plan = ad.attention(block), qm.attention.get(i)
+    cfg, impl = qm.model.config, qm.model.config._attn_implementation
+    if plan is not None and plan.active:
+        attn.qb_attention_plan = plan
+        cfg._attn_implementation = ATTN_NAME
+    try:
+        yield block
+    finally:
+        for owner, attr, lin in swapped:
+            setattr(owner, attr, lin)
+        if plan is not None and plan.active:
+            del attn.qb_attention_plan
+            cfg._attn_implementation = impl

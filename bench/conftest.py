@@ -56,7 +56,8 @@ def pytest_addoption(parser):
     add("--batch-size", type=int, default=1, help="evaluation batch size (results are batch-size independent)")
     add("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype (auto: fp32 on CPU, fp16 on GPU)")
     add("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
-    add("--calib", default="austen", help="calibration corpus: austen, wikitext2, c4")
+    add("--calib", default=None, help="calibration corpus: austen, wikitext2, c4, generated (by the model itself; "
+        "default: the method's, austen for all but norm-tweaking)")
     add("--nsamples", type=int, default=None, help="calibration windows (default: the method's reference recipe, "
         "e.g. GPTQ/QuaRot/OmniQuant 128, SmoothQuant 512)")
     add("--calib-seqlen", type=int, default=None, help="calibration window length (default: the method's, 2048 or 512)")

@@ -6,18 +6,19 @@ The grid is the suite's default (QuaRot symmetric ``[-8, 7]`` per channel) so ``
 only in rounding; ``--wgrid asym`` gives GPTQ's asymmetric min/max grid (zero forced into range).
 """
 from quantbench.method import Method
-from quantbench.methods.rtn import plain_plan
 from quantbench.registry import METHODS
-from quantbench.weights import GPTQ_OPTIONS, gptq, gptq_config
+from quantbench.weights import GPTQ_OPTIONS, gptq, gptq_block, gptq_config
 
 
 @METHODS.register("gptq")
 class GPTQ(Method):
+    role = "weights"
     needs_calibration = True
     options = GPTQ_OPTIONS
 
-    def quantize(self, lm, scheme, calib):
-        qm = plain_plan(lm, scheme, weights="gptq")
-        if scheme.w:
-            qm.info.update(gptq(qm, calib.windows, scheme.w, gptq_config(self.opts), self.device))
-        return qm
+    def quantize_weights(self, qm, spec, calib, blocks=None):
+        if blocks is None:
+            qm.info.update(gptq(qm, calib.windows, spec, gptq_config(self.opts), self.device))
+        else:
+            qm.info.setdefault("gptq", gptq_config(self.opts).to_dict())
+            gptq_block(qm, *blocks, spec, gptq_config(self.opts))

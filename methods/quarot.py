@@ -18,16 +18,19 @@ from quantbench.plan import AttentionPlan, LinearPlan, QuantizedModel
 from quantbench.registry import METHODS
 from quantbench.rotation import ROTATE_MODES, fuse_norms, rotate
 from quantbench.transforms import Hadamard
-from quantbench.weights import GPTQ_OPTIONS, gptq, gptq_config, round_to_nearest
+from quantbench.methods import gptq as _gptq  # noqa: F401 - registers "gptq" for the composition below
+from quantbench.pipeline import compose
+from quantbench.weights import round_to_nearest
 
 QUAROT_OPTIONS = {"rotate_mode": "hadamard", "embed_mean": False, "clips": "code", "w_clip": False}
 
 
 @METHODS.register("quarot")
 class QuaRot(Method):
+    role = "transform"
     options = QUAROT_OPTIONS
     choices = {"rotate_mode": ROTATE_MODES, "clips": ("code", "paper")}
-    weights = "rtn"
+    weights_label = "rtn"
 
     def specs(self):
         s = dict(self.defaults)
@@ -37,9 +40,9 @@ class QuaRot(Method):
                 s[t] = replace(s[t], grid="asym", clip_ratio=0.95)
         return s
 
-    def quantize(self, lm, scheme, calib):
+    def prepare(self, lm, scheme, calib):
         ad = lm.adapter
-        info = {"weights": self.weights, **fuse_norms(ad, self.opts["embed_mean"])}
+        info = {"weights": self.weights_label, **fuse_norms(ad, self.opts["embed_mean"])}
         online, rot_info = rotate(ad, self.opts["rotate_mode"], self.seed)
         info.update(rot_info, kept_fp=["embed_tokens", "lm_head", "q (QuaRot keeps Q in FP16)"])
         qm = QuantizedModel(lm.model, ad, scheme, info=info)
@@ -48,19 +51,12 @@ class QuaRot(Method):
         qk = Hadamard(ad.head_dim) if scheme.k else None  # QKRotationWrapper: only when K is quantized
         for i in range(len(ad.blocks)):
             qm.attention[i] = AttentionPlan(q=scheme.q, k=scheme.k, v=scheme.v, qk_pre=qk)
-        if scheme.w:
-            self.quantize_weights(qm, scheme.w, calib)
         return qm
 
-    def quantize_weights(self, qm, spec, calib):
-        round_to_nearest(qm, spec, clip_search=self.opts["w_clip"])
+    def quantize_weights(self, qm, spec, calib, blocks=None):
+        round_to_nearest(qm, spec, clip_search=self.opts["w_clip"], blocks=blocks)
 
 
 @METHODS.register("quarot-gptq")
-class QuaRotGPTQ(QuaRot):
-    needs_calibration = True
-    options = {**QUAROT_OPTIONS, **GPTQ_OPTIONS}
-    weights = "gptq"
-
-    def quantize_weights(self, qm, spec, calib):
-        qm.info.update(gptq(qm, calib.windows, spec, gptq_config(self.opts), self.device))
+class QuaRotGPTQ(compose("quarot+gptq")):
+    """The rotation, then GPTQ calibrated on the rotated (unquantized) model: the pipeline ``quarot+gptq``."""

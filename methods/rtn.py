@@ -6,25 +6,15 @@ channel, ``[-8, 7]`` at 4 bits), its input quantized per token at run time, Q/K/
 Embeddings, norms and lm_head stay in floating point, as in all reference repos.
 """
 from quantbench.method import Method
-from quantbench.plan import AttentionPlan, LinearPlan, QuantizedModel
+from quantbench.plan import plain_plan  # noqa: F401 - re-exported for the methods that build on it
 from quantbench.registry import METHODS
 from quantbench.weights import round_to_nearest
 
 
-def plain_plan(lm, scheme, **info) -> QuantizedModel:
-    """Every decoder linear with the scheme's activation spec and no transform; attention as the scheme says."""
-    qm = QuantizedModel(lm.model, lm.adapter, scheme, info={"kept_fp": ["embed_tokens", "norms", "lm_head"], **info})
-    for name, _, _, _ in lm.adapter.named_linears():
-        qm.linears[name] = LinearPlan(weight=None, act=scheme.a)
-    for i in range(len(lm.adapter.blocks)):
-        qm.attention[i] = AttentionPlan(q=scheme.q, k=scheme.k, v=scheme.v)
-    return qm
-
-
 @METHODS.register("rtn")
 class RTN(Method):
-    def quantize(self, lm, scheme, calib):
-        qm = plain_plan(lm, scheme, weights="round-to-nearest")
-        if scheme.w:
-            round_to_nearest(qm, scheme.w)
-        return qm
+    role = "weights"
+    weights_label = "round-to-nearest"
+
+    def quantize_weights(self, qm, spec, calib, blocks=None):
+        round_to_nearest(qm, spec, blocks=blocks)

@@ -37,12 +37,13 @@ def alpha_for(model_id: str, given: float) -> tuple[float, str]:
 
 @METHODS.register("smoothquant")
 class SmoothQuant(Method):
+    role = "transform"
     needs_calibration = True
     calib_defaults = {"nsamples": 512, "seqlen": 512, "seed": 42}  # calibration.py: 512 samples x 512 tokens
     options = {"alpha": -1.0}  # < 0: the per-model reference value
     defaults = {t: QuantSpec(8, "sym_pm", "channel" if t == "w" else "token") for t in "waqkv"}
 
-    def quantize(self, lm, scheme, calib):
+    def prepare(self, lm, scheme, calib):
         ad = lm.adapter
         alpha, source = alpha_for(lm.info.get("id", ""), self.opts["alpha"])
         stats = activation_stats(lm, calib.windows)
@@ -56,6 +57,7 @@ class SmoothQuant(Method):
         qm = plain_plan(lm, scheme, weights="round-to-nearest", alpha=alpha, alpha_source=source,
                         smoothed=["input_layernorm -> q,k,v", "post_attention_layernorm -> gate,up"],
                         not_smoothed=["o_proj", "down_proj"])
-        if scheme.w:
-            round_to_nearest(qm, scheme.w)
         return qm
+
+    def quantize_weights(self, qm, spec, calib, blocks=None):
+        round_to_nearest(qm, spec, blocks=blocks)

@@ -85,8 +85,8 @@ def uninstall(block: nn.Module, orig: dict[str, nn.Module]) -> None:
 
 
 def train(param_groups: list[dict], loss_at: Callable[[int], torch.Tensor], nsamples: int, epochs: int,
-          desc: str, before_step: Callable[[], None] | None = None) -> dict:
-    """AdamW over ``epochs`` x ``nsamples`` steps of batch 1 (OmniQuant's loop, ``wd`` 0 unless given).
+          desc: str, before_step: Callable[[], None] | None = None, optimizer=torch.optim.AdamW) -> dict:
+    """AdamW (or ``optimizer``) over ``epochs`` x ``nsamples`` steps of batch 1 (OmniQuant's loop, ``wd`` 0).
 
     NaN guard: if a loss is not finite, the parameters go back to their values at the start of that epoch and
     training of this block stops there (the reference drops into ``pdb``). Returns per-epoch mean losses.
@@ -94,7 +94,7 @@ def train(param_groups: list[dict], loss_at: Callable[[int], torch.Tensor], nsam
     params = [p for g in param_groups for p in g["params"]]
     if not params or epochs <= 0:
         return {"epochs_run": 0, "loss": [], "nan_restored": False}
-    opt = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    opt = optimizer(param_groups, weight_decay=0.0)
     history, restored = [], False
     for epoch in range(epochs):
         start = [p.detach().clone() for p in params]

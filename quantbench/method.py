@@ -6,7 +6,7 @@ from typing import ClassVar
 from quantbench.data import Calibration
 from quantbench.errors import ConfigError
 from quantbench.models import LoadedModel
-from quantbench.plan import QuantizedModel
+from quantbench.plan import QuantizedModel, plain_plan
 from quantbench.quant import DEFAULT_SPECS, QuantScheme, QuantSpec
 
 
@@ -32,7 +32,12 @@ class Method:
     - ``choices``: allowed values of string options;
     - ``needs_calibration``: whether ``quantize`` reads ``calib.windows`` (it enters the config hash only then);
     - ``calib_defaults``: the reference recipe's calibration windows (count, length, seed) when the user names none;
-    - ``quantizes``: False for the floating-point baseline, whose scheme is always w16a16.
+    - ``quantizes``: False for the floating-point baseline, whose scheme is always w16a16;
+    - ``role``: what the method can be in a pipeline (``quantbench.pipeline``): a ``transform`` (rewrites the model
+      and builds the plan: :meth:`prepare`), a ``weights`` quantizer (:meth:`quantize_weights`, also per block), a
+      ``plugin`` that runs after a base, or ``method`` (whole, not composable).
+
+    ``quantize`` is ``prepare`` then ``quantize_weights`` unless a method overrides it.
     """
 
     name: ClassVar[str] = "?"
@@ -42,6 +47,8 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     calib_defaults: ClassVar[dict] = {"nsamples": 128, "seqlen": 2048, "seed": 0}  # GPTQ/QuaRot: 128 x 2048, seed 0
     quantizes: ClassVar[bool] = True
+    role: ClassVar[str] = "method"
+    weights_label: ClassVar[str | None] = None  # method_info["weights"] (default: the name)
 
     def __init__(self, seed: int = 0, device: str = "cpu", **opts):
         unknown = sorted(set(opts) - set(self.options))
@@ -59,5 +66,18 @@ class Method:
         """Quantizer conventions for this instance (a method may adjust them by option, e.g. paper clip ratios)."""
         return self.defaults
 
+    def prepare(self, lm: LoadedModel, scheme: QuantScheme, calib: Calibration | None) -> QuantizedModel:
+        """The plan before weights are quantized (transforms folded, online transforms planned)."""
+        return plain_plan(lm, scheme, weights=self.weights_label or self.name)
+
+    def quantize_weights(self, qm: QuantizedModel, spec: QuantSpec, calib: Calibration | None,
+                         blocks=None) -> None:
+        """Quantize the planned weights; ``blocks`` = ``(i, block, runner)`` to do one block inside a caller's
+        layer-wise pass (norm-tweaking), the model's current inputs to that block in ``runner.inputs``."""
+        raise NotImplementedError(f"{self.name} has no separate weight quantizer")
+
     def quantize(self, lm: LoadedModel, scheme: QuantScheme, calib: Calibration | None) -> QuantizedModel:
-        raise NotImplementedError
+        qm = self.prepare(lm, scheme, calib)
+        if scheme.w:
+            self.quantize_weights(qm, scheme.w, calib)
+        return qm

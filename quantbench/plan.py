@@ -108,3 +108,13 @@ def online_view(qm: QuantizedModel):
     finally:
         for owner, attr, lin in swapped:
             setattr(owner, attr, lin)
+
+
+def plain_plan(lm, scheme, **info) -> QuantizedModel:
+    """Every decoder linear with the scheme's activation spec and no transform; attention as the scheme says."""
+    qm = QuantizedModel(lm.model, lm.adapter, scheme, info={"kept_fp": ["embed_tokens", "norms", "lm_head"], **info})
+    for name, _, _, _ in lm.adapter.named_linears():
+        qm.linears[name] = LinearPlan(weight=None, act=scheme.a)
+    for i in range(len(lm.adapter.blocks)):
+        qm.attention[i] = AttentionPlan(q=scheme.q, k=scheme.k, v=scheme.v)
+    return qm

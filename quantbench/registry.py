@@ -21,6 +21,10 @@ class Registry(dict):
         return deco
 
     def get(self, name: str):  # noqa: D102 - a clear error instead of KeyError/None
+        if self is METHODS and "+" in name:
+            from quantbench.pipeline import compose
+
+            return compose(name)
         if name not in self:
             raise ConfigError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self))}")
         return self[name]

@@ -32,7 +32,7 @@ class RunConfig:
     dtype: str = "auto"  # auto: float32 on CPU (no fast half math there), float16 on GPU (the papers' dtype)
     device: str = "cpu"
     # corpus / nsamples / seqlen / seed; what is missing or None comes from the method's reference recipe
-    calibration: dict = field(default_factory=lambda: {"corpus": "austen"})
+    calibration: dict = field(default_factory=dict)  # unset keys: the method's recipe (Method.calib_defaults)
     quantizers: dict = field(default_factory=dict)  # per tensor (w/a/q/k/v) QuantSpec overrides, e.g. {"w": {"grid": "minmax"}}
     options: dict = field(default_factory=dict)  # method options, e.g. {"rotate_mode": "random", "act_order": True}
 
@@ -75,7 +75,7 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
     scheme = parse_scheme(cfg.scheme, override_specs(method.specs(), cfg.quantizers))
     seed_everything(cfg.seed)
     lm = models.load(cfg.model, cfg.torch_dtype, cfg.device, seed=cfg.seed)
-    calib = Calibration(lm.tokenizer, **calibration_config(method, cfg.calibration)) \
+    calib = Calibration(lm.tokenizer, **calibration_config(method, cfg.calibration), lm=lm) \
         if method.needs_calibration else None
     base = {
         "method": cfg.method, "backend": cfg.backend, "seed": cfg.seed, "dtype": str(cfg.torch_dtype)[6:],

@@ -12,16 +12,13 @@ atomically with a checksum beside them; a truncated or altered entry is detected
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from quantbench import models
+from quantbench.cache import key_of, load_or_build
 from quantbench.data import windows_digest
 
 log = logging.getLogger(__name__)
@@ -31,7 +28,7 @@ def _key(lm: models.LoadedModel, windows: torch.Tensor) -> str:
     ident = {k: lm.info.get(k) for k in ("id", "revision", "tokenizer_hash")}
     ident["dtype"] = str(next(lm.model.parameters()).dtype)
     ident["windows"] = windows_digest(windows)
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+    return key_of(ident)
 
 
 @torch.no_grad()
@@ -63,31 +60,6 @@ def collect(lm: models.LoadedModel, windows: torch.Tensor) -> dict[str, dict[str
     return {k: {n: t.cpu() for n, t in v.items()} for k, v in stats.items()}
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def activation_stats(lm: models.LoadedModel, windows: torch.Tensor, use_cache: bool = True) -> dict:
     """:func:`collect`, through the on-disk cache (``<cache>/act-stats/<key>.pt`` + ``.sha256``)."""
-    key = _key(lm, windows)
-    path = models.cache_dir() / "act-stats" / f"{key}.pt"
-    check = path.with_suffix(".sha256")
-    if use_cache and path.exists():
-        try:
-            if check.read_text().strip() != _digest(path):
-                raise ValueError("checksum mismatch")
-            log.info("activation stats from cache %s", path.name)
-            return torch.load(path, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any damage means: rebuild
-            log.warning("activation stats cache %s is damaged (%s); rebuilding", path, e)
-    stats = collect(lm, windows)
-    if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        torch.save(stats, tmp)
-        digest = _digest(tmp)
-        os.replace(tmp, path)
-        tmp_check = check.with_name(f"{check.name}.tmp{os.getpid()}")
-        tmp_check.write_text(digest)
-        os.replace(tmp_check, check)
-    return stats
+    return load_or_build("act-stats", _key(lm, windows), lambda: collect(lm, windows), "activation stats", use_cache)

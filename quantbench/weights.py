@@ -53,9 +53,13 @@ def _check_finite(name: str, w: torch.Tensor) -> None:
         raise ConfigError(f"{name}: cannot quantize a tensor with NaN/inf values (shape {tuple(w.shape)})")
 
 
-def round_to_nearest(qm: QuantizedModel, spec: QuantSpec, clip_search: bool = False) -> None:
-    """RTN weights for every planned linear (QuaRot ``gptq_utils.py::rtn_fwrd``; ``clip_search`` = ``--w_clip``)."""
-    for name in tqdm(list(qm.linears), desc="rtn: quantize weights", leave=False):
+def round_to_nearest(qm: QuantizedModel, spec: QuantSpec, clip_search: bool = False, blocks=None) -> None:
+    """RTN weights for every planned linear (QuaRot ``gptq_utils.py::rtn_fwrd``; ``clip_search`` = ``--w_clip``),
+    or only block ``blocks[0]``'s when given ``(i, block, runner)``."""
+    names = list(qm.linears)
+    if blocks is not None:
+        names = [n for n in names if n.startswith(qm.adapter.linear_name(blocks[0], "q").rsplit("self_attn", 1)[0])]
+    for name in tqdm(names, desc="rtn: quantize weights", leave=False, disable=blocks is not None):
         w = unwrap(qm.model.get_submodule(name)).weight.detach()
         try:  # quantize() refuses NaN/inf; the error names the layer
             p = mse_clip(_grouped(w, spec), spec) if clip_search else None
@@ -166,32 +170,39 @@ def gptq(qm: QuantizedModel, windows: torch.Tensor, spec: QuantSpec, cfg: GPTQCo
     per_block = []
     with online_view(qm):
         runner = Layerwise(adapter, windows, device, desc="gptq")
-        groups = TRUE_SEQUENTIAL if cfg.true_sequential else (tuple(r for g in TRUE_SEQUENTIAL for r in g),)
         for i, block in runner:
             tb = time.perf_counter()
-            lins = {role: unwrap(m) for role, m in adapter.linears(block).items()}
-            for roles in groups:
-                roles = [r for r in roles if adapter.linear_name(i, r) in qm.linears]
-                if not roles:
-                    continue
-                hs = {r: Hessian(lins[r].in_features, lins[r].weight.device) for r in roles}
-                runner.feed(block, {lins[r]: hs[r].add for r in roles})
-                for r in roles:
-                    name = adapter.linear_name(i, r)
-                    _check_finite(name, lins[r].weight)
-                    try:
-                        qt = gptq_quantize(lins[r].weight, hs[r].h, spec, cfg)
-                    except ConfigError as e:
-                        raise ConfigError(f"{name}: {e}") from None
-                    except torch.linalg.LinAlgError as e:
-                        raise ConfigError(f"{name}: GPTQ Cholesky failed ({e}); raise percdamp") from None
-                    qm.linears[name].weight = qt
-                    lins[r].weight.data = qt.dequantize(lins[r].weight.dtype).to(lins[r].weight.device)
+            gptq_block(qm, i, block, runner, spec, cfg)
             per_block.append(time.perf_counter() - tb)
     total = time.perf_counter() - t0
     log.info("gptq: %d blocks in %.1fs (%.2fs/block)", len(per_block), total, sum(per_block) / len(per_block))
     return {"gptq": cfg.to_dict(), "gptq_wall_s": round(total, 2), "gptq_s_per_block": round(
         sum(per_block) / len(per_block), 3)}
+
+
+def gptq_block(qm: QuantizedModel, i: int, block, runner: Layerwise, spec: QuantSpec, cfg: GPTQConfig) -> None:
+    """GPTQ block ``i``'s planned linears on ``runner.inputs``, true-sequential groups (``gptq_fwrd``); the block's
+    linears then hold the dequantized weights, so what follows sees the quantized block."""
+    adapter = qm.adapter
+    groups = TRUE_SEQUENTIAL if cfg.true_sequential else (tuple(r for g in TRUE_SEQUENTIAL for r in g),)
+    lins = {role: unwrap(m) for role, m in adapter.linears(block).items()}
+    for roles in groups:
+        roles = [r for r in roles if adapter.linear_name(i, r) in qm.linears]
+        if not roles:
+            continue
+        hs = {r: Hessian(lins[r].in_features, lins[r].weight.device) for r in roles}
+        runner.feed(block, {lins[r]: hs[r].add for r in roles})
+        for r in roles:
+            name = adapter.linear_name(i, r)
+            _check_finite(name, lins[r].weight)
+            try:
+                qt = gptq_quantize(lins[r].weight, hs[r].h, spec, cfg)
+            except ConfigError as e:
+                raise ConfigError(f"{name}: {e}") from None
+            except torch.linalg.LinAlgError as e:
+                raise ConfigError(f"{name}: GPTQ Cholesky failed ({e}); raise percdamp") from None
+            qm.linears[name].weight = qt
+            lins[r].weight.data = qt.dequantize(lins[r].weight.dtype).to(lins[r].weight.device)
 
 
 GPTQ_OPTIONS = GPTQConfig().to_dict()  # method options of every GPTQ-based method (reference defaults)

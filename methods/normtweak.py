@@ -1,0 +1,90 @@
+"""``normtweak``: norm-tweaking as a plug-in after a base method (Li et al., AAAI 2024; Algorithm 1 as transcribed
+in ``smpanaro/norm-tweaking:norm_tweaker.py`` and the authors' ``xingyueye/gptq-for-llama:llama_ln_mean_4.py``).
+
+``gptq+normtweak`` (the paper's setting), ``rtn+normtweak``, ``smoothquant+normtweak``, ``quarot+gptq+normtweak``:
+per block, on the plan's online view, the FP target is the block's output on its current (quantized-stream) input;
+the base quantizes the block (GPTQ on those inputs); with the block run as the fake-quant backend runs it (weights
+dequantized and frozen, activations quantized per the scheme), Adam updates only the block's norm parameters,
+one pass over the calibration samples at batch size 1 and learning rate ``lr0 * (1 + scale * l / L)``
+(:mod:`quantbench.normtweak`); the tweaked, quantized block's outputs feed the next block.
+
+Defaults: loss ``authors`` (their code; ``paper`` and ``mse`` as options), calibration 128 x 2048 tokens generated
+by the model itself (:mod:`quantbench.generate`, seed 1 as their generator), lr from the per-model table.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from quantbench import normtweak as nt
+from quantbench.backends.fake_quant import quantized_block
+from quantbench.blocktrain import train
+from quantbench.errors import ConfigError
+from quantbench.layerwise import Layerwise
+from quantbench.method import Method
+from quantbench.plan import online_view
+from quantbench.registry import METHODS
+
+log = logging.getLogger(__name__)
+
+
+@METHODS.register("normtweak")
+class NormTweak(Method):
+    role = "plugin"
+    needs_calibration = True
+    calib_defaults = {"corpus": "generated", "nsamples": 128, "seqlen": 2048, "seed": 1}
+    options = {"nt_lr": -1.0, "nt_scale": -1.0, "nt_loss": "authors", "nt_epochs": 1}  # < 0: the lr table's
+    choices = {"nt_loss": nt.LOSSES}
+
+    def __init__(self, seed: int = 0, device: str = "cpu", _in_pipeline: bool = False, **opts):
+        if not _in_pipeline:
+            raise ConfigError("normtweak is a plug-in: put a base method before it, e.g. --method gptq+normtweak")
+        super().__init__(seed, device, **opts)
+
+    def run(self, lm, qm, base: Method, calib) -> None:
+        ad, o, scheme = qm.adapter, self.opts, qm.scheme
+        lr0, scale, source = nt.lr_settings(lm.info.get("id", ""), ad.config.model_type, o["nt_lr"], o["nt_scale"])
+        nblocks = len(ad.blocks)
+        losses, per_block = {}, []
+        with online_view(qm):
+            runner = Layerwise(ad, calib.windows, self.device, desc="normtweak")
+            for i, block in runner:
+                tb = time.perf_counter()
+                with torch.no_grad():  # FP target: the FP block on the current input (before quantizing)
+                    targets = [_out(block(x, **runner.kwargs)) for x in runner.inputs]
+                if scheme.w:
+                    base.quantize_weights(qm, scheme.w, calib, blocks=(i, block, runner))
+                losses[i] = self._tweak(qm, i, block, runner, targets, nt.lr_for(i, nblocks, lr0, scale))
+                per_block.append(time.perf_counter() - tb)
+        qm.info.update(normtweak={"lr0": lr0, "scale": scale, "lr_source": source, "loss": o["nt_loss"],
+                                  "epochs": o["nt_epochs"], "mean_loss": losses,
+                                  "s_per_block": round(sum(per_block) / len(per_block), 2)})
+
+    def _tweak(self, qm, i, block, runner, targets, lr) -> float | None:
+        ad, kind, kw = qm.adapter, self.opts["nt_loss"], runner.kwargs
+        params = nt.norm_parameters(ad.norms(block))
+        frozen = [p for p in block.parameters() if p.requires_grad and all(p is not q for q in params)]
+        for p in frozen:
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            with quantized_block(qm, i, block):
+                def loss_at(j):
+                    return nt.channel_loss(_out(block(runner.inputs[j], **kw)), targets[j], kind)
+
+                with torch.enable_grad():
+                    info = train([{"params": params, "lr": lr}], loss_at, len(runner.inputs), self.opts["nt_epochs"],
+                                 f"normtweak block {i}", optimizer=torch.optim.Adam)
+                with torch.no_grad():
+                    runner.set_outputs([_out(block(x, **kw)) for x in runner.inputs])
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        return info["loss"][-1] if info["loss"] else None
+
+
+def _out(y):
+    return y[0] if isinstance(y, tuple) else y

@@ -1,0 +1,56 @@
+"""Content-keyed on-disk cache: ``<cache>/<kind>/<key>.pt`` with a ``.sha256`` sidecar, written atomically.
+
+A truncated or altered entry fails its checksum, is logged and rebuilt, never silently used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from quantbench import models
+
+log = logging.getLogger(__name__)
+
+
+def key_of(ident: dict) -> str:
+    """Short sha256 of the canonical JSON of ``ident`` (what makes an entry what it is)."""
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    digest = _digest(tmp)
+    os.replace(tmp, path)
+    check = path.with_suffix(".sha256")
+    tmp_check = check.with_name(f"{check.name}.tmp{os.getpid()}")
+    tmp_check.write_text(digest)
+    os.replace(tmp_check, check)
+
+
+def load_or_build(kind: str, key: str, build: Callable[[], object], what: str, use_cache: bool = True):
+    """The entry ``kind/key`` if present and intact, else ``build()`` (stored unless ``use_cache`` is False)."""
+    path = models.cache_dir() / kind / f"{key}.pt"
+    if use_cache and path.exists():
+        try:
+            if path.with_suffix(".sha256").read_text().strip() != _digest(path):
+                raise ValueError("checksum mismatch")
+            log.info("%s from cache %s", what, path.name)
+            return torch.load(path, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any damage means: rebuild
+            log.warning("%s cache %s is damaged (%s); rebuilding", what, path, e)
+    obj = build()
+    if use_cache:
+        _write(path, obj)
+    return obj

@@ -1,0 +1,91 @@
+"""Declarative composition: ``--method quarot+gptq+normtweak`` = a transform, then a weight quantizer, then a
+plug-in, sharing one calibration set (as norm-tweaking's authors feed one loader to GPTQ and the tweak loop).
+
+Each part is a registered method with a ``role`` (:class:`quantbench.method.Method`): ``transform`` methods
+(quarot, smoothquant) rewrite the model and build the plan and bring their own weight rounding (RTN) for when no
+weight quantizer follows; ``weights`` methods (rtn, gptq) quantize the planned weights, whole or one block at a time;
+a ``plugin`` (normtweak) drives its own block-wise pass and asks the base to quantize each block. Whole methods
+(duquant, omniquant, fp16) do not compose. The pipeline's options are the union of its parts' options, its
+quantizer conventions the first part's, its calibration recipe the last part's that reads one.
+"""
+from __future__ import annotations
+
+from quantbench.errors import ConfigError
+from quantbench.method import Method
+from quantbench.registry import METHODS
+
+ORDER = ("transform", "weights", "plugin")
+_BUILT: dict[str, type] = {}
+
+
+def _parts(name: str) -> list[type]:
+    names = [p.strip() for p in name.split("+")]
+    if len(names) < 2 or not all(names):
+        raise ConfigError(f"malformed method pipeline {name!r}: write parts joined by '+', e.g. gptq+normtweak")
+    classes = [METHODS.get(n) for n in names]
+    whole = [n for n, c in zip(names, classes) if c.role not in ORDER]
+    if whole:
+        composable = ", ".join(sorted(n for n, c in METHODS.items() if isinstance(c, type) and c.role in ORDER))
+        raise ConfigError(f"{', '.join(whole)} cannot be part of a pipeline (a whole method); composable: {composable}")
+    roles = [c.role for c in classes]
+    if roles != sorted(roles, key=ORDER.index):
+        raise ConfigError(f"pipeline {name!r}: transforms first, then one weight quantizer, then plug-ins "
+                          f"(got {' + '.join(f'{n} ({r})' for n, r in zip(names, roles))})")
+    for role, what in (("transform", "transforms"), ("weights", "weight quantizers"), ("plugin", "plug-ins")):
+        found = [n for n, r in zip(names, roles) if r == role]
+        if len(found) > 1:
+            raise ConfigError(f"pipeline {name!r} has two {what} ({' and '.join(found)}); use one")
+    if roles == ["plugin"] * len(roles) or roles[0] == "plugin":
+        raise ConfigError(f"pipeline {name!r}: a plug-in needs a base method before it (e.g. gptq+{names[0]})")
+    return classes
+
+
+def compose(name: str) -> type[Method]:
+    """The :class:`Method` class of pipeline ``name`` (built once per name)."""
+    if name in _BUILT:
+        return _BUILT[name]
+    classes = _parts(name)
+    options: dict = {}
+    for c in classes:
+        for k, v in c.options.items():
+            if k in options and options[k] != v:
+                raise ConfigError(f"pipeline {name!r}: option {k!r} has different defaults in its parts")
+            options[k] = v
+    reads = [c for c in classes if c.needs_calibration]
+
+    class Pipeline(Method):
+        __doc__ = f"Pipeline {name}: " + " -> ".join(f"{c.name} ({c.role})" for c in classes)
+        role = "method"
+        defaults = classes[0].defaults
+        choices = {k: v for c in classes for k, v in c.choices.items()}
+        needs_calibration = bool(reads)
+        calib_defaults = reads[-1].calib_defaults if reads else Method.calib_defaults
+        parts = tuple(classes)
+
+        def __init__(self, seed: int = 0, device: str = "cpu", **opts):
+            super().__init__(seed, device, **opts)
+            self.stages = {c.role: c(seed, device, **{k: v for k, v in self.opts.items() if k in c.options},
+                                     **({"_in_pipeline": True} if c.role == "plugin" else {}))
+                           for c in classes}
+
+        def specs(self):
+            return self.stages[classes[0].role].specs()
+
+        def quantize(self, lm, scheme, calib):
+            for s in self.stages.values():
+                s.run_key = self.run_key
+            first = self.stages.get("transform") or self.stages["weights"]
+            base = self.stages.get("weights") or self.stages["transform"]
+            qm = first.prepare(lm, scheme, calib)
+            qm.info.update(pipeline=[c.name for c in classes], weights=base.weights_label or base.name)
+            if "plugin" in self.stages:
+                self.stages["plugin"].run(lm, qm, base, calib)
+            elif scheme.w:
+                base.quantize_weights(qm, scheme.w, calib)
+            return qm
+
+    Pipeline.options = options
+    Pipeline.name = name
+    Pipeline.__name__ = Pipeline.__qualname__ = "Pipeline_" + "_".join(c.__name__ for c in classes)
+    _BUILT[name] = Pipeline
+    return Pipeline
