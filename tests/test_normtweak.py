@@ -129,3 +129,10 @@ def test_pipeline_equals_running_its_parts_by_hand():
     norms = lambda lm: [p for n, p in lm.model.named_parameters() if "norm" in n]  # noqa: E731
     assert all(torch.equal(a, b) for a, b in zip(norms(lm_a), norms(lm_b)))
     assert any(not torch.equal(p, torch.ones_like(p)) for p in norms(lm_a)[:-1])  # the tweak did something
+
+
+def test_normtweak_with_no_steps_is_exactly_its_base():
+    calib, scheme = _calib(), parse_scheme("w3a16")
+    plain = METHODS.get("gptq")().quantize(tiny_lm(), scheme, calib)
+    piped = METHODS.get("gptq+normtweak")(nt_epochs=0).quantize(tiny_lm(), scheme, calib)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(plain).values(), _weights(piped).values()))
