@@ -55,11 +55,15 @@ def table(group: list[dict]) -> str:
 
 def _method(r: dict) -> str:
     """Method name plus the options that differ from the method's registered defaults."""
+    from quantbench.errors import ConfigError
     from quantbench.registry import METHODS, load_plugins
 
     load_plugins()
     opts = r.get("method_options") or {}
-    defaults = METHODS[r["method"]].options if r["method"] in METHODS else {}
+    try:  # pipelines ("gptq+normtweak") are built by name; a method no longer registered shows every option
+        defaults = METHODS.get(r["method"]).options
+    except ConfigError:
+        defaults = {}
     diff = [f"{k}={v}" for k, v in opts.items() if defaults.get(k, object()) != v]
     return r["method"] + (f" ({', '.join(diff)})" if diff else "")
 

@@ -136,3 +136,14 @@ def test_normtweak_with_no_steps_is_exactly_its_base():
     plain = METHODS.get("gptq")().quantize(tiny_lm(), scheme, calib)
     piped = METHODS.get("gptq+normtweak")(nt_epochs=0).quantize(tiny_lm(), scheme, calib)
     assert all(torch.equal(a, b) for a, b in zip(_weights(plain).values(), _weights(piped).values()))
+
+
+@pytest.mark.parametrize("name,scheme", [("rtn+normtweak", "w4a8"), ("smoothquant+normtweak", "w8a8q8kv8")])
+def test_plugin_on_weight_and_activation_methods(name, scheme):
+    """On W+A bases the tweak trains through the fake-quantized block (activations and Q/K/V quantized)."""
+    lm = tiny_lm()
+    m = METHODS.get(name)(nt_lr=1e-3)
+    qm = m.quantize(lm, parse_scheme(scheme, m.specs()), _calib())
+    assert qm.info["pipeline"] == name.split("+") and qm.info["normtweak"]["loss"] == "authors"
+    assert all(v is not None and math.isfinite(v) for v in qm.info["normtweak"]["mean_loss"].values())
+    assert all(p.weight is not None and p.act is not None for p in qm.linears.values())
