@@ -70,14 +70,23 @@ class NormTweak(Method):
             p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
+        dtype = params[0].dtype
+        wide = dtype != torch.float32  # fp32 during the tweak, then cast back (authors: qlayer.float())
+        kw32 = _cast(kw, torch.float32) if wide else kw
         try:
             with quantized_block(qm, i, block):
+                if wide:
+                    block.float()
+
                 def loss_at(j):
-                    return nt.channel_loss(_out(block(runner.inputs[j], **kw)), targets[j], kind)
+                    x = runner.inputs[j].float() if wide else runner.inputs[j]
+                    return nt.channel_loss(_out(block(x, **kw32)), targets[j], kind)
 
                 with torch.enable_grad():
                     info = train([{"params": params, "lr": lr}], loss_at, len(runner.inputs), self.opts["nt_epochs"],
                                  f"normtweak block {i}", optimizer=torch.optim.Adam)
+                if wide:
+                    block.to(dtype)
                 with torch.no_grad():
                     runner.set_outputs([_out(block(x, **kw)) for x in runner.inputs])
         finally:
@@ -88,3 +97,14 @@ class NormTweak(Method):
 
 def _out(y):
     return y[0] if isinstance(y, tuple) else y
+
+
+def _cast(v, dtype):
+    """Floating tensors in ``v`` (block keyword arguments: position embeddings, masks) to ``dtype``."""
+    if torch.is_tensor(v):
+        return v.to(dtype) if v.is_floating_point() else v
+    if isinstance(v, (tuple, list)):
+        return type(v)(_cast(x, dtype) for x in v)
+    if isinstance(v, dict):
+        return {k: _cast(x, dtype) for k, x in v.items()}
+    return v

@@ -147,3 +147,13 @@ def test_plugin_on_weight_and_activation_methods(name, scheme):
     assert qm.info["pipeline"] == name.split("+") and qm.info["normtweak"]["loss"] == "authors"
     assert all(v is not None and math.isfinite(v) for v in qm.info["normtweak"]["mean_loss"].values())
     assert all(p.weight is not None and p.act is not None for p in qm.linears.values())
+
+
+def test_half_precision_models_are_tweaked_in_fp32_and_cast_back():
+    lm = tiny_lm()
+    lm.model.to(torch.bfloat16)
+    qm = METHODS.get("rtn+normtweak")(nt_lr=1e-2).quantize(lm, parse_scheme("w4a16"), _calib())
+    norms = [p for n, p in lm.model.named_parameters() if "layernorm" in n]
+    assert all(p.dtype == torch.bfloat16 for p in lm.model.parameters())
+    assert any(not torch.equal(p, torch.ones_like(p)) for p in norms)
+    assert all(math.isfinite(v) for v in qm.info["normtweak"]["mean_loss"].values())
