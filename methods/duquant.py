@@ -191,7 +191,7 @@ class DuQuant(Method):
         return online
 
     def _block(self, i, block, runner, qm, o_scale, mean, use_lwc):
-        ad, o, scheme = qm.adapter, self.opts, qm.scheme
+        ad, scheme = qm.adapter, qm.scheme
         lin = ad.linears(block)
         views: dict[str, DuQuantLinear] = {}
         for r in ("q", "k", "v", "o", "gate", "up", "down"):

@@ -58,6 +58,8 @@ class NormTweak(Method):
                     base.quantize_weights(qm, scheme.w, calib, blocks=(i, block, runner))
                 losses[i] = self._tweak(qm, i, block, runner, targets, nt.lr_for(i, nblocks, lr0, scale))
                 per_block.append(time.perf_counter() - tb)
+        log.info("normtweak: %d blocks tweaked, lr0 %g scale %g (%s), loss %s, %.2fs/block", nblocks, lr0, scale,
+                 source, o["nt_loss"], sum(per_block) / len(per_block))
         qm.info.update(normtweak={"lr0": lr0, "scale": scale, "lr_source": source, "loss": o["nt_loss"],
                                   "epochs": o["nt_epochs"], "mean_loss": losses,
                                   "s_per_block": round(sum(per_block) / len(per_block), 2)})
