@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from quantbench.adapters import LINEARS
 from quantbench.errors import ConfigError
 from quantbench.layerwise import Layerwise
 from quantbench.plan import QuantizedModel, online_view, unwrap
@@ -58,7 +59,7 @@ def round_to_nearest(qm: QuantizedModel, spec: QuantSpec, clip_search: bool = Fa
     or only block ``blocks[0]``'s when given ``(i, block, runner)``."""
     names = list(qm.linears)
     if blocks is not None:
-        names = [n for n in names if n.startswith(qm.adapter.linear_name(blocks[0], "q").rsplit("self_attn", 1)[0])]
+        names = [n for n in (qm.adapter.linear_name(blocks[0], r) for r in LINEARS) if n in qm.linears]
     for name in tqdm(names, desc="rtn: quantize weights", leave=False, disable=blocks is not None):
         w = unwrap(qm.model.get_submodule(name)).weight.detach()
         try:  # quantize() refuses NaN/inf; the error names the layer
