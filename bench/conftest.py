@@ -20,7 +20,7 @@ from quantbench.errors import QuantbenchError
 from quantbench.quant import override_specs, parse_scheme
 from quantbench.registry import METHODS, load_plugins
 from quantbench.runner import DTYPES, RunConfig
-from quantbench.tasks import Task, make_task
+from quantbench.tasks import Task, expand, make_task
 
 
 def _csv(text: str) -> list[str]:
@@ -46,7 +46,16 @@ def pytest_addoption(parser):
     add("--method-opt", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
         help="method options (e.g. act_order=true,percdamp=0.1,w_clip=true,clips=paper); each goes to the "
              "selected methods that have it")
-    add("--tasks", default="ppl-austen", help="comma list: ppl-austen, ppl-wikitext2, ppl-c4")
+    add("--tasks", default="ppl-austen", help="comma list of tasks and groups: ppl-austen, ppl-wikitext2, ppl-c4, "
+        "rolling-austen, qa-<piqa|arc_easy|arc_challenge|boolq|hellaswag|winogrande|lambada_openai|local>, "
+        "mmlu-<k>shot, mmlu-local-<k>shot, longbench-<task|local>; groups: ppl, qa, qa6, mmlu, mmlu-local, "
+        "longbench, local (every shipped offline task)")
+    add("--limit", type=int, default=0, help="lm-eval tasks: evaluate only the first N documents of each lm-eval (sub)task (0 = all; in the protocol)")
+    add("--add-bos", action="store_true", help="lm-eval tasks: prepend BOS (default off: lm-eval's and DuQuant's "
+        "add_special_tokens=False; recorded)")
+    add("--longbench-max-length", type=int, default=3500, help="LongBench middle truncation of prompts, in tokens "
+        "(DuQuant: 3500 for Vicuna; capped by the model's context)")
+    add("--passkey-lengths", default="512,1024,2048", help="longbench-local: passkey prompt lengths in tokens")
     add("--speed", action="store_true", help="also run the speed benchmarks (tests marked speed; pytest-benchmark)")
     add("--backend", default="fake_quant", help="backend that runs the plan (default: fake_quant)")
     add("--seed", type=int, default=0, help="seed for python/numpy/torch and random models")
@@ -120,8 +129,14 @@ def build_cases(opt) -> list[Case]:
     load_plugins()
     device = opt.device or ("cuda" if torch.cuda.is_available() else "cpu")
     models.check_available(opt.model)
+    try:
+        passkey = [int(x) for x in _csv(opt.passkey_lengths)]
+    except ValueError:
+        raise QuantbenchError(f"--passkey-lengths expects integers, got {opt.passkey_lengths!r}") from None
     tasks = [make_task(t, seqlen=opt.seqlen, max_windows=opt.ppl_windows, batch_size=opt.batch_size,
-                       variant=opt.c4_variant if t == "ppl-c4" else None) for t in _csv(opt.tasks)]
+                       variant=opt.c4_variant if t == "ppl-c4" else None, limit=opt.limit, add_bos=opt.add_bos,
+                       longbench_max_length=opt.longbench_max_length,
+                       passkey_lengths=passkey) for t in expand(_csv(opt.tasks))]
     calib = {"corpus": opt.calib, "nsamples": opt.nsamples, "seqlen": opt.calib_seqlen, "seed": opt.calib_seed}
     overrides = _quantizer_overrides(opt)
     cases = []

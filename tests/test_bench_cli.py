@@ -32,6 +32,8 @@ def test_bench_writes_records_and_leaderboard(tmp_path):
     (["--model", "llama-2-7b"], "not in the local Hugging Face cache"),
     (["--wbits", "1"], "impossible"),
     (["--tasks", "ppl-foo"], "unknown perplexity corpus 'foo'"),
+    (["--tasks", "mmlu-fewshot"], "expected <k>shot"),
+    (["--tasks", "longbench-local", "--passkey-lengths", "1k"], "--passkey-lengths expects integers"),
     (["--method", "rtn,gptq", "--method-opt", "bogus=1"], "no selected method has option bogus"),
     (["--method", "quarot", "--rotate-mode", "spin"], "rotate_mode='spin' of 'quarot': choose one of hadamard"),
     (["--method", "gptq", "--method-opt", "act_order"], "--method-opt expects KEY=VALUE"),
@@ -68,3 +70,21 @@ def test_unavailable_calibration_corpus_is_a_clear_skip(tmp_path):
     out = p.stdout + p.stderr
     assert p.returncode == 0 and "1 passed, 1 skipped" in out, out
     assert "gptq w4a16 not run" in out and "wikitext" in out and "Traceback" not in out
+
+
+def test_lm_eval_families_offline_with_tables(tmp_path):
+    """The issue's command on the tiny model: local tasks run, hub tasks say which dataset they need, and the
+    leaderboard has one table per family."""
+    res, board = tmp_path / "res", tmp_path / "board.md"
+    p = bench("--model", "tiny-llama", "--method", "fp16,rtn", "--tasks", "mmlu-local-0shot,longbench-local,qa",
+              "--passkey-lengths", "256", "--limit", "8", "--results-dir", str(res), "--leaderboard", str(board))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "2 passed" in p.stdout and "qa-piqa not run: needs dataset baber/piqa" in p.stdout
+    recs = [json.loads(f.read_text()) for f in res.glob("*.json")]
+    assert {r["task"] for r in recs} == {"mmlu-local-0shot", "longbench-local"}
+    assert all(r["versions"]["lm_eval"] and r["task_config"]["harness"].startswith("lm-eval-") for r in recs)
+    assert all(r["task_options"]["batch_size"] == 1 and "add_bos" in r["task_config"] for r in recs)
+    text = board.read_text()
+    assert "### MMLU (shipped offline tasks)" in text and "### LongBench (shipped offline tasks)" in text
+    assert "| method   | scheme   | stem   | humanities   | social_sciences   | other   | avg   |" in text
+    assert "| method   | scheme   | len256   | avg   |" in text

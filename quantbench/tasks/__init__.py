@@ -1,6 +1,7 @@
 """Evaluation tasks. ``make_task("ppl-austen", seqlen=2048)`` -> a :class:`Task` with a protocol label.
 
-A task family registers a factory in ``TASKS`` under its prefix (``ppl``); a task name is ``<prefix>-<arg>``.
+A task family registers a factory in ``TASKS`` under its prefix (``ppl``, ``qa``, ``mmlu``, ``longbench``,
+``rolling``); a task name is ``<prefix>-<arg>``; :data:`GROUPS` names sets of tasks (``qa``, ``mmlu``, ``local``).
 """
 from __future__ import annotations
 
@@ -30,8 +31,17 @@ def make_task(name: str, **options) -> Task:
     prefix, _, arg = name.partition("-")
     if prefix not in TASKS:
         raise ConfigError(f"unknown task {name!r}; known families: {', '.join(f'{p}-<...>' for p in sorted(TASKS))}"
-                          f" (e.g. ppl-austen, ppl-wikitext2, ppl-c4)")
+                          f"; groups: {', '.join(GROUPS)} (e.g. ppl-austen, qa-piqa, mmlu-5shot, local)")
     return TASKS[prefix](arg, **options)
 
 
-from quantbench.tasks import ppl  # noqa: E402,F401  (registers)
+def expand(names: list[str]) -> list[str]:
+    """Task names with groups (``qa``, ``mmlu``, ``longbench``, ``ppl``, ``local``, ...) expanded, order kept."""
+    out: list[str] = []
+    for n in names:
+        out += GROUPS.get(n, [n])
+    return list(dict.fromkeys(out))
+
+
+from quantbench.tasks import local, ppl  # noqa: E402,F401  (register)
+from quantbench.tasks.lmeval import GROUPS  # noqa: E402
