@@ -139,7 +139,7 @@ def _columns(family: str, suite: str, cells: dict) -> list[str]:
     elif family == "qa":
         order = [*QA, "austen-lastword"]
     else:
-        order = [*LONGBENCH, *sorted(c for c in present if c.startswith("score_len"))]
+        order = [*LONGBENCH, *sorted((c for c in present if c.startswith("score_len")), key=lambda c: int(c[9:]))]
     return [c for c in order if c in present] + sorted(present - set(order) - {"acc", "score"})
 
 

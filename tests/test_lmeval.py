@@ -242,3 +242,16 @@ def test_leaderboard_family_tables_and_complete_row_averages():
     assert "40.00" in rtn_row and rtn_row.split("|")[2 + 7 + 1].strip() == ""  # incomplete row: no avg
     mmlu_row = next(line for line in text.splitlines() if line.startswith("| fp16") and "30.00" in line)
     assert [c.strip() for c in mmlu_row.split("|")[3:8]] == ["20.00", "25.00", "35.00", "40.00", "30.00"]
+
+
+@pytest.mark.slow
+def test_smollm2_runs_every_local_family_with_finite_plausible_metrics():
+    lm = models.load("smollm2-135m")
+    for name, opts in (("qa-local", {"limit": 24}), ("rolling-austen", {"limit": 2}),
+                       ("mmlu-local-5shot", {"limit": 4}), ("mmlu-local-cloze-0shot", {"limit": 4})):
+        task, res = evaluate(name, lm, batch_size=4, **opts)
+        assert set(res) == set(task.metrics) and all(math.isfinite(v) for v in res.values()), (name, res)
+        if name == "rolling-austen":  # real English text: a real model is far from uniform (log2 256 = 8 bits)
+            assert res["bits_per_byte"] < 1.5 and res["word_perplexity"] < 200, res
+        if name == "qa-local":
+            assert res["acc"] > 0.05 and res["perplexity"] < 1e4, res
