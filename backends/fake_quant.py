@@ -62,12 +62,17 @@ def realize(qm: QuantizedModel) -> nn.Module:
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent)
         setattr(owner, attr, FakeQuantLinear(getattr(owner, attr), plan))
+    hook_attention(qm)
+    return model
+
+
+def hook_attention(qm: QuantizedModel) -> None:
+    """Give each attention layer with an active plan to :func:`_attention` (Q/K/V quantized after RoPE)."""
     active = {i: p for i, p in qm.attention.items() if p.active}
     for i, plan in active.items():
         qm.adapter.attention(qm.adapter.blocks[i]).qb_attention_plan = plan
     if active:
-        model.config._attn_implementation = ATTN_NAME
-    return model
+        qm.model.config._attn_implementation = ATTN_NAME
 
 
 @contextmanager

@@ -57,7 +57,8 @@ def pytest_addoption(parser):
         "(DuQuant: 3500 for Vicuna; capped by the model's context)")
     add("--passkey-lengths", default="512,1024,2048", help="longbench-local: passkey prompt lengths in tokens")
     add("--speed", action="store_true", help="also run the speed benchmarks (tests marked speed; pytest-benchmark)")
-    add("--backend", default="fake_quant", help="backend that runs the plan (default: fake_quant)")
+    add("--backend", default="fake_quant", help="backend that runs the plan: fake_quant (exact simulation, default) "
+        "or triton (INT4 kernels; the Triton interpreter on a CPU machine: exact and slow)")
     add("--seed", type=int, default=0, help="seed for python/numpy/torch and random models")
     add("--seqlen", type=int, default=2048, help="perplexity window length (GPTQ protocol: 2048)")
     add("--ppl-windows", type=int, default=0, help="evaluate only the first N windows (0 = all; recorded in the protocol)")

@@ -88,3 +88,14 @@ def test_lm_eval_families_offline_with_tables(tmp_path):
     assert "### MMLU (shipped offline tasks)" in text and "### LongBench (shipped offline tasks)" in text
     assert "| method   | scheme   | stem   | humanities   | social_sciences   | other   | avg   |" in text
     assert "| method   | scheme   | len256   | avg   |" in text
+
+
+def test_duquant_on_the_triton_backend_matches_fake_quant(tmp_path):
+    """The issue's command on the tiny model: ``--method duquant --backend triton`` (interpreter on CPU)."""
+    common = ("--model", "tiny-llama", "--method", "duquant", "--scheme", "w4a4", "--seqlen", "128", "--ppl-windows",
+              "2", "--nsamples", "2", "--calib-seqlen", "64", "--results-dir", str(tmp_path))
+    for backend in ("triton", "fake_quant"):
+        p = bench(*common, "--backend", backend)
+        assert p.returncode == 0, p.stdout + p.stderr
+    recs = {r["backend"]: r for r in (json.loads(f.read_text()) for f in tmp_path.glob("*.json"))}
+    assert recs["triton"]["value"] == pytest.approx(recs["fake_quant"]["value"], rel=1e-4)

@@ -1,0 +1,96 @@
+"""GEMM speed of the Triton INT4 kernels on Llama-2-7B shapes (``pytest bench/test_kernel_speed.py --speed``, GPU).
+
+Per (linear, M): torch bf16 matmul, ``torch._int_mm`` (int8, + scale), FP8 ``torch._scaled_mm`` row-wise, ours
+``w4a4`` (GEMM alone and with ``rotate_quant``) and ``w4a16``: median time (``triton.testing.do_bench``, L2 flushed),
+TOPS, % of the H100 dense peak (989.4 bf16, 1978.9 int8/fp8; kernels.md §5.1) and speedup over bf16. The table goes
+to ``reports/kernels-<device>.md`` with the device, versions and date. Without a GPU the cases skip (the
+interpreter proves correctness, not speed: tests/test_triton_kernels.py).
+"""
+from __future__ import annotations
+
+import datetime
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+
+SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate+up": (22016, 4096), "down": (4096, 11008)}  # (N, K)
+MS = (1, 16, 256, 2048, 8192)
+PEAK = {"bf16": 989.4, "int8": 1978.9}  # H100 SXM dense TFLOPS / TOPS
+ROWS: list[dict] = []
+
+
+def cases(n: int, k: int, m: int, device: str, dtype=torch.bfloat16):
+    """name -> (callable, peak kind) for one shape; every callable returns the output (on CPU, a smoke test of
+    this code in the interpreter: fp16, no cuBLAS baselines)."""
+    from quantbench.backends import int4
+    from quantbench.backends.triton_int4 import kernels
+    from quantbench.quant import QuantSpec, quantize
+
+    K = kernels()
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(m, k, device=device, generator=g, dtype=dtype)
+    wf = torch.randn(n, k, device=device, generator=g, dtype=dtype)
+    w4 = int4.int4_weight(quantize(wf.float(), QuantSpec(4, "sym", "channel"))).to(device)
+    w4g = int4.int4_weight(quantize(wf.float(), QuantSpec(4, "sym", "group", group_size=128))).to(device)
+    spec = QuantSpec(4, "sym", "token")
+    xq, sx, zx, rs = K.rotate_quant(x, spec)
+    r = torch.linalg.qr(torch.randn(128, 128, device=device))[0].contiguous()
+    out = {
+        "bf16 matmul": (lambda: x @ wf.T, "bf16"),
+        "w4a4 gemm": (lambda: K.w4a4_gemm(xq, sx, zx, rs, w4, out_dtype=dtype), "int8"),
+        "w4a4 + rotate_quant": (lambda: K.w4a4_gemm(*K.rotate_quant(x, spec, r), w4, out_dtype=dtype),
+                                "int8"),
+        "w4a16 g128": (lambda: K.w4a16_gemm(x, w4g), "bf16"),
+    }
+    if device == "cuda" and m > 16:  # _int_mm needs M > 16 (kernels.md §4.4)
+        x8, w8 = xq.contiguous(), torch.randint(-8, 8, (k, n), dtype=torch.int8, device=device)
+        out["torch._int_mm + scale"] = (lambda: torch._int_mm(x8, w8).float() * sx[:, None], "int8")
+    if device == "cuda" and torch.cuda.get_device_capability() >= (9, 0):
+        xf8, wf8 = x.to(torch.float8_e4m3fn), wf.to(torch.float8_e4m3fn)
+        sa, sb = torch.ones(m, 1, device=device), torch.ones(1, n, device=device)
+        out["fp8 _scaled_mm rowwise"] = (lambda: torch._scaled_mm(xf8, wf8.T, sa, sb, out_dtype=torch.bfloat16), "int8")
+    return out
+
+
+def row(linear: str, n: int, k: int, m: int, name: str, ms: float, kind: str, base_ms: float | None) -> dict:
+    tops = 2 * m * n * k / (ms * 1e-3) / 1e12
+    return {"linear": linear, "N x K": f"{n}x{k}", "M": m, "kernel": name, "ms": round(ms, 4),
+            "TOPS": round(tops, 1), "% peak": round(100 * tops / PEAK[kind], 1),
+            "speedup vs bf16": round(base_ms / ms, 2) if base_ms else ""}
+
+
+@pytest.mark.speed
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("linear", list(SHAPES))
+def test_gemm_speed(linear, m):
+    if not torch.cuda.is_available():
+        pytest.skip("speed cases need a GPU (the Triton interpreter measures nothing)")
+    import triton.testing
+
+    n, k = SHAPES[linear]
+    base = None
+    for name, (fn, kind) in cases(n, k, m, "cuda").items():
+        fn()
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        base = ms if name == "bf16 matmul" else base
+        ROWS.append(row(linear, n, k, m, name, ms, kind, base))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_table():
+    yield
+    if not ROWS:
+        return
+    from tabulate import tabulate
+
+    from quantbench.results import versions
+
+    dev = torch.cuda.get_device_name()
+    v = versions()
+    head = (f"# Triton INT4 kernels: GEMM speed on {dev}\n\n{datetime.date.today()}, torch {v['torch']}, triton "
+            f"{v['triton']}, quantbench {v['quantbench']}, python {platform.python_version()}. Median of "
+            f"`triton.testing.do_bench` (L2 flushed). % peak: of 989.4 (bf16) or 1978.9 (int8/fp8) dense.\n\n")
+    path = Path(__file__).resolve().parent.parent / "reports" / f"kernels-{dev.replace(' ', '-')}.md"
+    path.write_text(head + tabulate(ROWS, headers="keys", tablefmt="github") + "\n")
