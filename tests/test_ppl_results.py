@@ -33,7 +33,9 @@ def test_task_protocol_labels_and_errors():
         "ppl/gptq/wikitext2-test/seqlen2048/first8windows"
     assert make_task("ppl-c4").protocol == "ppl/gptq/c4-validation/duquant-seed20/seqlen2048"
     assert make_task("ppl-c4", variant="quarot-first1100").config["variant"] == "quarot-first1100"
-    with pytest.raises(ConfigError, match="unknown task 'mmlu'"):
+    with pytest.raises(ConfigError, match="unknown task 'squad'"):
+        make_task("squad")
+    with pytest.raises(ConfigError, match="'mmlu' is a group of tasks"):
         make_task("mmlu")
     with pytest.raises(ConfigError, match="seqlen"):
         make_task("ppl-austen", seqlen=1)

@@ -28,6 +28,8 @@ class Task:
 
 
 def make_task(name: str, **options) -> Task:
+    if name in GROUPS:
+        raise ConfigError(f"{name!r} is a group of tasks ({', '.join(GROUPS[name])}): expand it with expand()")
     prefix, _, arg = name.partition("-")
     if prefix not in TASKS:
         raise ConfigError(f"unknown task {name!r}; known families: {', '.join(f'{p}-<...>' for p in sorted(TASKS))}"
