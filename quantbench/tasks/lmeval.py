@@ -116,11 +116,10 @@ class LmEvalTask(Task):
     ``specs()`` returns what ``simple_evaluate`` takes (task names for built-in tasks, dicts for local ones).
     """
 
-    def __init__(self, name, protocol, config, run_options, *, specs, folders, pick, metrics, dataset="",
-                 needs_samples=False):
+    def __init__(self, name, protocol, config, run_options, *, specs, folders, pick, metrics, dataset=""):
         super().__init__(name, protocol, config, run_options)
         self.specs, self.folders, self.pick, self.metrics = specs, folders, pick, tuple(metrics)
-        self.dataset, self.needs_samples = dataset, needs_samples
+        self.dataset = dataset
 
     def _offline(self):
         from quantbench.models import hub_reachable, offline_mode
@@ -161,7 +160,7 @@ class LmEvalTask(Task):
         with self._offline(), _quiet():
             res = lm_eval.simple_evaluate(
                 model=lm, tasks=self.specs(), task_manager=task_manager(self.folders), num_fewshot=c["num_fewshot"],
-                limit=c.get("limit") or None, bootstrap_iters=0, log_samples=self.needs_samples, **SEEDS)
+                limit=c.get("limit") or None, bootstrap_iters=0, log_samples=False, **SEEDS)
         out = self.pick(res)
         bad = {k: v for k, v in out.items() if not math.isfinite(v)}
         if bad:
