@@ -132,10 +132,10 @@ def ref_rotate_quant(x: torch.Tensor, spec: QuantSpec, rotation: torch.Tensor | 
 
 
 def ref_w4a4_acc(xq: torch.Tensor, w: Int4Weight) -> torch.Tensor:
-    """The int32 accumulator ``xq @ qw'ᵀ`` (exact: int64 matmul, then checked to fit int32)."""
-    acc = xq.long() @ w.codes().long().T
+    """The int32 accumulator ``xq @ qw'ᵀ`` (exact: int64 matmul on the CPU, then checked to fit int32)."""
+    acc = xq.cpu().long() @ w.codes().cpu().long().T
     assert acc.abs().max() < 2**31
-    return acc.to(torch.int32)
+    return acc.to(torch.int32).to(xq.device)
 
 
 def ref_w4a4(xq, sx, zx, rowsum, w: Int4Weight, bias=None, out_dtype=torch.float32) -> torch.Tensor:

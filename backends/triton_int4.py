@@ -2,9 +2,13 @@
 
 Per planned linear (weights of at most 4 bits, K a multiple of 64):
 
-* activations quantized per token (at most 8 bits): the online transforms before the last one run in PyTorch
-  exactly as in the fake-quant backend; a trailing block rotation (DuQuant's ``R2``, a power-of-two block) is fused
-  into ``rotate_quant``; then ``w4a4_gemm`` (per-channel weights) with the zero-point epilogue;
+* activations quantized per token (at most 8 bits): the plan's online transform is fused (:func:`fuse`) into
+  ``block_mix`` (stage 1: smoothing division, block-mixing factor, rotation ``R1``, permutation scatter) and
+  ``rotate_quant`` (stage 2: the trailing block rotation and the quantization), kernels.md §6.3 K1a/K1b:
+  DuQuant's ``[Scale] R1 -> perm -> R2``, QuaRot's online Hadamard of any size ``K * 2^m``
+  (``H_K ⊗ H_2^m = (H_K ⊗ H_2^m/b) ⊗ H_b``) and its head Hadamard (``H_heads ⊗ I``); a transform outside these
+  patterns runs in PyTorch before the kernels, exactly as in the fake-quant backend, and ``extra_repr`` shows the
+  split; then ``w4a4_gemm`` (per-channel weights) with the zero-point epilogue;
 * activations in floating point: ``w4a16_gemm`` (per-channel or grouped weights), split-K at decode sizes.
 
 Attention (Q/K/V quantization) runs as in the fake-quant backend: these kernels cover the linears. A plan the kernels
@@ -21,7 +25,49 @@ from quantbench.backends.int4 import Int4Weight, int4_weight
 from quantbench.errors import ConfigError
 from quantbench.plan import LinearPlan, QuantizedModel
 from quantbench.registry import BACKENDS
-from quantbench.transforms import BlockRotation
+from quantbench import hadamard
+from quantbench.transforms import BlockRotation, Hadamard, HeadHadamard, Permute, Scale
+
+HAD_BLOCK = 64  # the in-block part of a fused Hadamard: H_64 as one tl.dot (kernels.md §6.3)
+
+
+def _pow2_block(b: int) -> bool:
+    return b >= 16 and not b & (b - 1)
+
+
+def fuse(pre: list) -> tuple[list, dict | None, torch.Tensor | None]:
+    """Split an online transform into (what runs in PyTorch first, ``block_mix`` arguments or None, the
+    ``rotate_quant`` rotation or None), matching from the end of the list; the composition is unchanged."""
+    pre = list(pre)
+    mix, rot = None, None
+    last = pre[-1] if pre else None
+    if isinstance(last, BlockRotation) and _pow2_block(last.r.shape[0]):
+        rot = last.r.float().contiguous()
+        pre.pop()
+        b = rot.shape[0]
+        if pre and isinstance(pre[-1], Permute) and pre[-1].perm.numel() % b == 0:
+            mix = {"block": b, "perm": pre.pop().perm}
+            if pre and isinstance(pre[-1], BlockRotation) and pre[-1].r.shape[0] == b:
+                mix["rotation"] = pre.pop().r
+    elif isinstance(last, Hadamard):
+        k, p = hadamard.factor(last.n)
+        b = min(p, HAD_BLOCK)
+        if _pow2_block(b):
+            pre.pop()
+            rot = (hadamard.sylvester(b) / b ** 0.5).float()
+            nb = last.n // b
+            left = torch.kron(hadamard.had_k(k) if k > 1 else torch.ones(1, 1, dtype=torch.float64),
+                              hadamard.sylvester(p // b))
+            mix = {"block": b, "left": (left / nb ** 0.5).float()} if nb > 1 else None
+    elif isinstance(last, HeadHadamard) and _pow2_block(last.head_dim):
+        pre.pop()
+        mix = {"block": last.head_dim, "left": hadamard.hadamard_matrix(last.heads).float()}
+    if pre and isinstance(pre[-1], Scale) and (mix is not None or rot is not None):
+        s = pre.pop().s
+        if mix is None:
+            mix = {"block": rot.shape[0]}
+        mix["scale"] = s
+    return pre, mix, rot
 
 
 def kernels():
@@ -54,18 +100,20 @@ class TritonLinear(nn.Module):
         self.bias = linear.bias
         self.act = plan.act
         pre = list(plan.pre)
-        self.rotation = None
+        self.rotation, self.mix = None, None
         if self.act is not None:
             if self.act.granularity != "token" or self.act.bits > 8:
                 raise ConfigError(f"{name}: the triton backend quantizes activations per token to at most 8 bits, "
                                   f"not {self.act.granularity}/{self.act.bits}")
             if self.w.group_size:
                 raise ConfigError(f"{name}: W4A4 needs per-channel weights, not groups of {self.w.group_size}")
-            last = pre[-1] if pre else None
-            b = last.r.shape[0] if isinstance(last, BlockRotation) else 0
-            if b >= 16 and not b & (b - 1):
-                self.rotation = last.r.float().contiguous()  # fused into rotate_quant
-                pre = pre[:-1]
+            pre, self.mix, self.rotation = fuse(pre)
+            if self.mix is not None:
+                if "perm" in self.mix:  # the scatter's destinations, once
+                    self.mix["dst"] = torch.argsort(self.mix.pop("perm")).to(torch.int32)
+                self.mix = {k: (v.to(linear.weight.device) if torch.is_tensor(v) else v) for k, v in self.mix.items()}
+            if self.rotation is not None:
+                self.rotation = self.rotation.to(linear.weight.device)
         self.pre = nn.Sequential(*pre)
         self.k = kernels()
 
@@ -75,13 +123,21 @@ class TritonLinear(nn.Module):
         if self.act is None:
             y = self.k.w4a16_gemm(x2, self.w, self.bias)
         else:
+            if self.mix is not None:
+                x2 = self.k.block_mix(x2, **self.mix)
             q, s, z, rs = self.k.rotate_quant(x2, self.act, self.rotation)
             y = self.k.w4a4_gemm(q, s, z, rs, self.w, self.bias, out_dtype=x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self):
         act = f"a{self.act.bits}-{self.act.grid}" if self.act else "a16"
-        fused = f", fused rotation {self.rotation.shape[0]}" if self.rotation is not None else ""
+        fused = ""
+        if self.mix is not None:
+            fused += ", fused stage 1: " + "+".join(k for k in ("scale", "left", "rotation", "dst") if k in self.mix)
+        if self.rotation is not None:
+            fused += f", fused rotation {self.rotation.shape[0]}"
+        if len(self.pre):
+            fused += f", in torch first: {[type(t).__name__ for t in self.pre]}"
         return f"{self.in_features}, {self.out_features}, w{self.w.spec.bits}-{self.w.spec.grid}, {act}{fused}"
 
 

@@ -7,6 +7,8 @@ Every kernel has a pure-PyTorch reference in :mod:`quantbench.backends.int4`; th
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -17,6 +19,9 @@ from quantbench.quant import SCALE_MAX, SCALE_MIN, QuantSpec
 
 GRID_IDS = {"sym": 0, "sym_pm": 1, "asym": 2, "minmax": 3, "minmax_sym": 4}
 HALF = PACK // 2
+# fp32 rotation dots: exact fp32 FMAs in the interpreter; on a GPU "ieee" runs without tensor cores and spills (6 ms
+# for one 4096-wide row on H100), so 3xTF32 (fp32-level error, ~1e-6 relative) on the tensor cores
+ROT_PREC: tl.constexpr = tl.constexpr("ieee" if triton.knobs.runtime.interpret else "tf32x3")
 # tiles: on a GPU wgmma wants BM a multiple of 64 (kernels.md §4.3); the interpreter is fastest with few, big tiles
 BM, BN = (64, 128) if triton.knobs.runtime.interpret else (64, 64)
 
@@ -37,7 +42,7 @@ def _block(x_ptr, r_ptr, rows, row_mask, k0, stride_xm, B: tl.constexpr, HAS_R: 
     if HAS_R:
         rr = tl.arange(0, B)
         r = tl.load(r_ptr + rr[:, None] * B + rr[None, :])
-        x = tl.dot(x, r, input_precision="ieee")
+        x = tl.dot(x, r, input_precision=ROT_PREC)
     return x
 
 
@@ -118,21 +123,109 @@ def rotate_quant(x: torch.Tensor, spec: QuantSpec, rotation: torch.Tensor | None
 
 
 @triton.jit
-def _w4a4_kernel(x_ptr, w_ptr, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cs_ptr, b_ptr, y_ptr, M, N, K,
+def _mix_kernel(x_ptr, s_ptr, l_ptr, r_ptr, dst_ptr, y_ptr, K, NB, stride_xm,
+                HAS_S: tl.constexpr, HAS_L: tl.constexpr, HAS_R: tl.constexpr, HAS_P: tl.constexpr,
+                P: tl.constexpr, NBP: tl.constexpr, BC: tl.constexpr, BA: tl.constexpr):
+    """One row, output blocks ``BC`` at a time; the row seen as ``X [NB, P]`` (``NB`` blocks of ``P`` channels):
+    ``Y = Lᵀ (X / s) R`` (``L`` mixes blocks, ``R`` rotates inside each), then column ``c`` is stored at
+    ``dst[c]`` (a permutation's inverse: the scatter of kernels.md §6.3 K1a). fp32 throughout, ``div_rn``."""
+    row = tl.program_id(0)
+    cb = tl.program_id(1) * BC + tl.arange(0, BC)
+    j = tl.arange(0, P)
+    cm = cb < NB
+    if HAS_L:
+        acc = tl.zeros((BC, P), tl.float32)
+        for a0 in range(0, NB, BA):
+            ab = a0 + tl.arange(0, BA)
+            cols = ab[:, None] * P + j[None, :]
+            xa = tl.load(x_ptr + row * stride_xm + cols, mask=(ab < NB)[:, None], other=0.0).to(tl.float32)
+            if HAS_S:
+                xa = tl.math.div_rn(xa, tl.load(s_ptr + cols, mask=(ab < NB)[:, None], other=1.0))
+            lt = tl.load(l_ptr + ab[None, :] * NBP + cb[:, None])  # Lᵀ[c, a], zero-padded to NBP
+            acc += tl.dot(lt, xa, input_precision=ROT_PREC)
+    else:
+        cols = cb[:, None] * P + j[None, :]
+        acc = tl.load(x_ptr + row * stride_xm + cols, mask=cm[:, None], other=0.0).to(tl.float32)
+        if HAS_S:
+            acc = tl.math.div_rn(acc, tl.load(s_ptr + cols, mask=cm[:, None], other=1.0))
+    if HAS_R:
+        acc = tl.dot(acc, tl.load(r_ptr + j[:, None] * P + j[None, :]), input_precision=ROT_PREC)
+    out = cb[:, None] * P + j[None, :]
+    if HAS_P:
+        out = tl.load(dst_ptr + out, mask=cm[:, None], other=0)
+    tl.store(y_ptr + row * K + out, acc, mask=cm[:, None])
+
+
+def block_mix(x: torch.Tensor, block: int, scale=None, left=None, rotation=None, perm=None, dst=None) -> torch.Tensor:
+    """Stage 1 of a fused online transform, fp32 ``[M, K]``: ``x / scale`` (smoothing), then ``Lᵀ`` across the
+    ``K/block`` blocks (``left [K/b, K/b]``: the Hadamard's ``H_K`` factor, or a head Hadamard), ``R`` inside each
+    block (``rotation [b, b]``: DuQuant's R1), then the columns in ``perm`` order (``y[:, perm]``; ``dst``, its
+    inverse ``argsort(perm)`` as int32, may be given instead)."""
+    m, k = x.shape
+    b = block
+    if b < 16 or b & (b - 1) or k % b:
+        raise ConfigError(f"block_mix needs a power-of-two block >= 16 that divides K={k}, got {b}")
+    nb = k // b
+    nbp = max(16, triton.next_power_of_2(nb))
+    x = x.contiguous()
+    dev = x.device
+    lp = None
+    if left is not None:
+        if left.shape != (nb, nb):
+            raise ConfigError(f"block_mix: the block-mixing matrix must be {nb}x{nb}, got {tuple(left.shape)}")
+        lp = torch.zeros(nbp, nbp, dtype=torch.float32, device=dev)
+        lp[:nb, :nb] = left
+    if dst is None and perm is not None:
+        dst = torch.argsort(perm.to(dev)).to(torch.int32)  # column c of y goes where perm points at it
+    y = torch.empty(m, k, dtype=torch.float32, device=dev)
+    bc = 16 if left is not None else max(16, min(triton.next_power_of_2(nb), 4096 // b))
+    any_ = x  # placeholder pointer for absent operands
+    _mix_kernel[(m, triton.cdiv(nb, bc))](
+        x, any_ if scale is None else scale.float().contiguous(), any_ if lp is None else lp,
+        any_ if rotation is None else rotation.float().contiguous(), any_ if dst is None else dst, y, k, nb,
+        x.stride(0), HAS_S=scale is not None, HAS_L=left is not None, HAS_R=rotation is not None,
+        HAS_P=dst is not None, P=b, NBP=nbp, BC=bc, BA=16)
+    return y
+
+
+@triton.jit
+def _grouped_pid(M, N, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile (m, n) of a 1-D launch in grouped order: ``GROUP_M`` row tiles share each weight tile while it is in L2."""
+    pid = tl.program_id(0)
+    gm, gn = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    per_group = GROUP_M * gn
+    first = (pid // per_group) * GROUP_M
+    size = tl.minimum(gm - first, GROUP_M)
+    return first + (pid % per_group) % size, (pid % per_group) // size
+
+
+@triton.jit
+def _unpacked_cols(k0, K, BK: tl.constexpr, H: tl.constexpr):
+    """Byte ``j`` of a ``BK``-wide tile (``BK/64`` layout blocks) -> the K index of its low nibble, and the mask of
+    columns inside K; its high nibble is that index + ``H``."""
+    kk = tl.arange(0, BK // 2)
+    lo = k0 + (kk // H) * (2 * H) + kk % H
+    return kk, lo, lo < K
+
+
+@triton.jit
+def _w4a4_kernel(x_ptr, w_ptr, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cs_ptr, b_ptr, y_ptr, M, N, K, MB,
                  HAS_ZX: tl.constexpr, HAS_ZW: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_ACC: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, H: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, H: tl.constexpr):
     """``acc = xq @ qw'ᵀ`` with int8 ``tl.dot`` -> int32; weights unpacked in registers by the high-nibble trick
     (``int8(p << 4) = 16 lo``, ``int8(p & 0xF0) = 16 hi``, then ``acc >> 4``); scales, zero points and bias in the
-    epilogue; int32 never goes to memory unless ``OUT_ACC`` (tests)."""
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    epilogue; int32 never goes to memory unless ``OUT_ACC`` (tests). Grouped launch order (``GROUP_M``)."""
+    pid_m, pid_n = _grouped_pid(M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
     mm, nm = rm < M, rn < N
-    kk = tl.arange(0, H)
     acc = tl.zeros((BM, BN), tl.int32)
-    for k0 in range(0, K, 2 * H):
-        xlo = tl.load(x_ptr + rm[:, None] * K + (k0 + kk)[None, :], mask=mm[:, None], other=0)
-        xhi = tl.load(x_ptr + rm[:, None] * K + (k0 + H + kk)[None, :], mask=mm[:, None], other=0)
-        p = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + kk)[None, :], mask=nm[:, None], other=0)
+    for k0 in range(0, K, BK):
+        kk, klo, km = _unpacked_cols(k0, K, BK, H)
+        xlo = tl.load(x_ptr + rm[:, None] * K + klo[None, :], mask=mm[:, None] & km[None, :], other=0)
+        xhi = tl.load(x_ptr + rm[:, None] * K + (klo + H)[None, :], mask=mm[:, None] & km[None, :], other=0)
+        p = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + kk)[None, :], mask=nm[:, None] & km[None, :],
+                    other=0)
         wlo = (p << 4).to(tl.int8, bitcast=True)
         whi = (p & 0xF0).to(tl.int8, bitcast=True)
         acc += tl.dot(xlo, tl.trans(wlo), out_dtype=tl.int32)
@@ -161,9 +254,10 @@ def _w4a4_kernel(x_ptr, w_ptr, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cs_ptr, b
 
 
 def w4a4_gemm(xq, sx, zx, rowsum, w: Int4Weight, bias=None, out_dtype=torch.float32, return_acc: bool = False,
-              block_m: int = BM, block_n: int = BN):
+              config: dict | None = None):
     """``y [M, N]`` from int8 activation codes ``[M, K]`` (values of at most 8 bits, per-token scale/zero) and a
-    per-channel :class:`Int4Weight`; ``return_acc`` returns the int32 accumulator instead (tests)."""
+    per-channel :class:`Int4Weight`; ``return_acc`` returns the int32 accumulator instead (tests). Tiles: ``config``
+    (``BM``, ``BN``, ``BK``, ``GROUP_M``), else autotuned on a GPU, :data:`INTERP` in the interpreter."""
     m, k = xq.shape
     n, kw = w.shape
     check_k(k)
@@ -173,49 +267,56 @@ def w4a4_gemm(xq, sx, zx, rowsum, w: Int4Weight, bias=None, out_dtype=torch.floa
         raise ConfigError("w4a4_gemm needs per-channel weights: group scales do not factor out of the integer dot")
     y = torch.empty(m, n, dtype=torch.int32 if return_acc else out_dtype, device=xq.device)
     dummy = w.scale
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _w4a4_kernel[grid](
+    kern, meta = _pick(_w4a4_kernel, _W4A4_TUNED, config)
+    grid = lambda c: (triton.cdiv(m, c["BM"]) * triton.cdiv(n, c["BN"]),)  # noqa: E731
+    kern[grid](
         xq.contiguous(), w.packed, sx, zx if zx is not None else dummy, rowsum, w.scale, w.zero if w.zero is not None
-        else dummy, w.colsum, bias if bias is not None else dummy, y, m, n, k, HAS_ZX=zx is not None,
-        HAS_ZW=w.zero is not None, HAS_BIAS=bias is not None, OUT_ACC=return_acc, BM=block_m, BN=block_n, H=HALF)
+        else dummy, w.colsum, bias if bias is not None else dummy, y, m, n, k, _bucket(m), HAS_ZX=zx is not None,
+        HAS_ZW=w.zero is not None, HAS_BIAS=bias is not None, OUT_ACC=return_acc, H=HALF, **meta)
     return y
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, K_SPLIT, G, stride_ys,
-                  HAS_Z: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, H: tl.constexpr):
-    """``x @ dequant(W)ᵀ`` over the K range of split ``program_id(2)``: nibbles -> ``(q' - z') * s`` in registers
-    (per 64-block group index ``k // G``), fp32 accumulation; each split writes its own partial (a deterministic
+def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, MB, K_SPLIT, G, stride_ys,
+                  HAS_Z: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                  H: tl.constexpr):
+    """``x @ dequant(W)ᵀ`` over the K range of split ``program_id(1)``: nibbles -> ``(q' - z') * s`` in registers
+    (group index ``k // G`` per column), fp32 accumulation; each split writes its own partial (a deterministic
     two-stage reduction rather than atomics)."""
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
-    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    pid_m, pid_n = _grouped_pid(M, N, BM, BN, GROUP_M)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
     mm, nm = rm < M, rn < N
-    kk = tl.arange(0, H)
     acc = tl.zeros((BM, BN), tl.float32)
-    k_start = tl.program_id(2) * K_SPLIT
-    for k0 in range(k_start, k_start + K_SPLIT, 2 * H):
-        xlo = tl.load(x_ptr + rm[:, None] * K + (k0 + kk)[None, :], mask=mm[:, None], other=0.0)
-        xhi = tl.load(x_ptr + rm[:, None] * K + (k0 + H + kk)[None, :], mask=mm[:, None], other=0.0)
-        p = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + kk)[None, :], mask=nm[:, None], other=0)
-        lo = ((p << 4).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
-        hi = ((p & 0xF0).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
-        g = k0 // G
-        ngroups = K // G
-        s = tl.load(s_ptr + rn * ngroups + g, mask=nm, other=0.0)
-        if HAS_Z:
-            z = tl.load(z_ptr + rn * ngroups + g, mask=nm, other=0.0)
-            lo = lo - z[:, None]
-            hi = hi - z[:, None]
-        wlo = (lo * s[:, None]).to(x_ptr.dtype.element_ty)
-        whi = (hi * s[:, None]).to(x_ptr.dtype.element_ty)
-        acc += tl.dot(xlo, tl.trans(wlo), input_precision="ieee")
-        acc += tl.dot(xhi, tl.trans(whi), input_precision="ieee")
-    ys = y_ptr + tl.program_id(2) * stride_ys
+    k_start = tl.program_id(1) * K_SPLIT
+    k_end = k_start + K_SPLIT
+    ngroups = K // G
+    kk = tl.arange(0, H)
+    for k0 in range(k_start, k_end, BK):
+        for j in tl.static_range(BK // (2 * H)):  # one 64-wide layout block: one scale (and zero) per row
+            kb = k0 + j * 2 * H
+            km = ((kb + kk) < k_end)[None, :]
+            xlo = tl.load(x_ptr + rm[:, None] * K + (kb + kk)[None, :], mask=mm[:, None] & km, other=0.0)
+            xhi = tl.load(x_ptr + rm[:, None] * K + (kb + H + kk)[None, :], mask=mm[:, None] & km, other=0.0)
+            p = tl.load(w_ptr + rn[:, None] * (K // 2) + (kb // 2 + kk)[None, :], mask=nm[:, None] & km, other=0)
+            lo = ((p << 4).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
+            hi = ((p & 0xF0).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
+            gi = tl.minimum(kb, K - 1) // G  # G % 64 == 0: one group per block (clamped past the end: masked)
+            s = tl.load(s_ptr + rn * ngroups + gi, mask=nm, other=0.0)
+            if HAS_Z:
+                z = tl.load(z_ptr + rn * ngroups + gi, mask=nm, other=0.0)
+                lo = lo - z[:, None]
+                hi = hi - z[:, None]
+            wlo = (lo * s[:, None]).to(x_ptr.dtype.element_ty)
+            whi = (hi * s[:, None]).to(x_ptr.dtype.element_ty)
+            acc += tl.dot(xlo, tl.trans(wlo), input_precision="ieee")
+            acc += tl.dot(xhi, tl.trans(whi), input_precision="ieee")
+    ys = y_ptr + tl.program_id(1) * stride_ys
     tl.store(ys + rm[:, None] * N + rn[None, :], acc, mask=mm[:, None] & nm[None, :])
 
 
-def w4a16_gemm(x: torch.Tensor, w: Int4Weight, bias=None, split_k: int | None = None, block_m: int = BM,
-               block_n: int = BN) -> torch.Tensor:
+def w4a16_gemm(x: torch.Tensor, w: Int4Weight, bias=None, split_k: int | None = None,
+               config: dict | None = None) -> torch.Tensor:
     """``x [M, K]`` (fp16/fp32; bf16 on GPU) times a packed per-channel or grouped weight, fp32 accumulation.
     Small M (decode) splits K (``split_k`` default: 8 for M <= 16 when K allows, else 1)."""
     m, k = x.shape
@@ -230,10 +331,58 @@ def w4a16_gemm(x: torch.Tensor, w: Int4Weight, bias=None, split_k: int | None = 
     if split_k < 1 or k % (split_k * PACK):
         raise ConfigError(f"split_k={split_k} does not cut K={k} into multiples of {PACK}")
     parts = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
-    _w4a16_kernel[grid](x.contiguous(), w.packed, w.scale, w.zero if w.zero is not None else w.scale, parts, m, n, k,
-                        k // split_k, g, m * n, HAS_Z=w.zero is not None, BM=block_m, BN=block_n, H=HALF)
+    kern, meta = _pick(_w4a16_kernel, _W4A16_TUNED, config)
+    grid = lambda c: (triton.cdiv(m, c["BM"]) * triton.cdiv(n, c["BN"]), split_k)  # noqa: E731
+    kern[grid](x.contiguous(), w.packed, w.scale, w.zero if w.zero is not None else w.scale, parts, m, n, k,
+               _bucket(m), k // split_k, g, m * n, HAS_Z=w.zero is not None, H=HALF, **meta)
     y = parts.sum(0) if split_k > 1 else parts[0]
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# ---- tiles: one config in the interpreter, autotuned on a GPU (kernels.md §4.3, §6.3) ----------------------------
+
+def _bucket(m: int) -> int:
+    """Autotune key for M: the next power of two (capped), so every prefill length does not retune."""
+    return min(triton.next_power_of_2(max(m, 1)), 8192)
+
+
+def _gpu_configs(small_m: bool, wide: bool = False):
+    """Candidate tiles; ``wide`` (16-bit activations, twice the bytes of int8) gets shallower K and pipelines so
+    that every candidate fits the 227 KB of shared memory."""
+    cfg = []
+    small = [(16, 64, 256, 4, 4), (16, 128, 256, 4, 4), (32, 64, 256, 4, 4)]
+    large = [(128, 128, 128, 8, 4), (128, 128, 256, 8, 3), (128, 256, 128, 8, 3), (64, 128, 256, 4, 3)]
+    if wide:
+        small = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4)]
+        large = [(128, 128, 64, 8, 4), (64, 128, 128, 4, 3), (128, 64, 128, 4, 3), (128, 128, 128, 8, 2)]
+    for bm, bn, bk, w, st in (small if small_m else large):
+        cfg.append(triton.Config({"BM": bm, "BN": bn, "BK": bk, "GROUP_M": 8}, num_warps=w, num_stages=st))
+    return cfg
+
+
+def _prune(configs, named_args, **_):
+    small = named_args["MB"] <= 32
+    keep = [c for c in configs if (c.kwargs["BM"] <= 32) == small]
+    return keep or configs
+
+
+INTERP = {"BM": BM, "BN": BN, "BK": 2 * PACK, "GROUP_M": 8}
+_W4A4_TUNED = _W4A16_TUNED = None
+if not triton.knobs.runtime.interpret:
+    _ALL = _gpu_configs(True) + _gpu_configs(False)
+    _W4A4_TUNED = triton.autotune(_ALL, key=["MB", "N", "K"], prune_configs_by={"early_config_prune": _prune})(
+        _w4a4_kernel)
+    _W4A16_TUNED = triton.autotune(_gpu_configs(True, True) + _gpu_configs(False, True), key=["MB", "N", "K", "K_SPLIT"],
+                                   prune_configs_by={"early_config_prune": _prune})(_w4a16_kernel)
+
+
+def _pick(kernel, tuned, config):
+    """Explicit ``config``; else the autotuned kernel on a GPU unless ``QUANTBENCH_AUTOTUNE=0`` (tests: one
+    compile per kernel variant instead of one per config and shape); else :data:`INTERP`."""
+    if config is not None:
+        return kernel, dict(INTERP, **config)
+    if tuned is None or os.environ.get("QUANTBENCH_AUTOTUNE", "1") == "0":
+        return kernel, dict(INTERP)
+    return tuned, {}

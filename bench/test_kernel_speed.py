@@ -1,8 +1,10 @@
 """GEMM speed of the Triton INT4 kernels on Llama-2-7B shapes (``pytest bench/test_kernel_speed.py --speed``, GPU).
 
 Per (linear, M): torch bf16 matmul, ``torch._int_mm`` (int8, + scale), FP8 ``torch._scaled_mm`` row-wise, ours
-``w4a4`` (GEMM alone and with ``rotate_quant``) and ``w4a16``: median time (``triton.testing.do_bench``, L2 flushed),
-TOPS, % of the H100 dense peak (989.4 bf16, 1978.9 int8/fp8; kernels.md §5.1) and speedup over bf16. The table goes
+``w4a4`` (GEMM alone; with ``rotate_quant`` and a fused 128-block rotation; with DuQuant's whole online transform,
+``block_mix`` R1 + permutation then ``rotate_quant`` R2; ``rotate_quant`` alone) and ``w4a16`` (g128): median time
+(``triton.testing.do_bench``, L2 flushed), TOPS, % of the H100 dense peak (989.4 bf16, 1978.9 int8/fp8; kernels.md
+§5.1) and speedup over bf16 (totals include the activation quantization where named). The table goes
 to ``reports/kernels-<device>.md`` with the device, versions and date. Without a GPU the cases skip (the
 interpreter proves correctness, not speed: tests/test_triton_kernels.py).
 """
@@ -37,15 +39,24 @@ def cases(n: int, k: int, m: int, device: str, dtype=torch.bfloat16):
     spec = QuantSpec(4, "sym", "token")
     xq, sx, zx, rs = K.rotate_quant(x, spec)
     r = torch.linalg.qr(torch.randn(128, 128, device=device))[0].contiguous()
+    dst = torch.randperm(k, device=device).to(torch.int32)
+
+    def duquant():
+        return K.w4a4_gemm(*K.rotate_quant(K.block_mix(x, 128, rotation=r, dst=dst), spec, r), w4, out_dtype=dtype)
+
     out = {
         "bf16 matmul": (lambda: x @ wf.T, "bf16"),
         "w4a4 gemm": (lambda: K.w4a4_gemm(xq, sx, zx, rs, w4, out_dtype=dtype), "int8"),
+        "rotate_quant (128-block rotation)": (lambda: K.rotate_quant(x, spec, r)[0], None),
         "w4a4 + rotate_quant": (lambda: K.w4a4_gemm(*K.rotate_quant(x, spec, r), w4, out_dtype=dtype),
                                 "int8"),
+        "w4a4 + DuQuant R1-perm-R2": (duquant, "int8"),
         "w4a16 g128": (lambda: K.w4a16_gemm(x, w4g), "bf16"),
     }
     if device == "cuda" and m > 16:  # _int_mm needs M > 16 (kernels.md §4.4)
-        x8, w8 = xq.contiguous(), torch.randint(-8, 8, (k, n), dtype=torch.int8, device=device)
+        # B column-major ([N, K] row-major, transposed): cuBLASLt's int8 "TN" layout. Measured on 2026-11-22 with a
+        # row-major [K, N] B instead, _int_mm ran at ~120 TOPS (a slow path) in reports/kernels-*.md.
+        x8, w8 = xq.contiguous(), torch.randint(-8, 8, (n, k), dtype=torch.int8, device=device).T
         out["torch._int_mm + scale"] = (lambda: torch._int_mm(x8, w8).float() * sx[:, None], "int8")
     if device == "cuda" and torch.cuda.get_device_capability() >= (9, 0):
         xf8, wf8 = x.to(torch.float8_e4m3fn), wf.to(torch.float8_e4m3fn)
@@ -54,11 +65,13 @@ def cases(n: int, k: int, m: int, device: str, dtype=torch.bfloat16):
     return out
 
 
-def row(linear: str, n: int, k: int, m: int, name: str, ms: float, kind: str, base_ms: float | None) -> dict:
+def row(linear: str, n: int, k: int, m: int, name: str, ms: float, kind: str | None, base_ms: float | None) -> dict:
+    """One table row; ``kind`` None (not a GEMM): no TOPS, the time as a share of the bf16 GEMM instead."""
     tops = 2 * m * n * k / (ms * 1e-3) / 1e12
     return {"linear": linear, "N x K": f"{n}x{k}", "M": m, "kernel": name, "ms": round(ms, 4),
-            "TOPS": round(tops, 1), "% peak": round(100 * tops / PEAK[kind], 1),
-            "speedup vs bf16": round(base_ms / ms, 2) if base_ms else ""}
+            "TOPS": round(tops, 1) if kind else "", "% peak": round(100 * tops / PEAK[kind], 1) if kind else "",
+            "speedup vs bf16": (round(base_ms / ms, 2) if kind else f"{100 * ms / base_ms:.0f}% of bf16")
+            if base_ms else ""}
 
 
 @pytest.mark.speed
@@ -78,10 +91,11 @@ def test_gemm_speed(linear, m):
         ROWS.append(row(linear, n, k, m, name, ms, kind, base))
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(autouse=True)
 def _write_table():
+    """After every case: the table so far (a run cut short still leaves its rows)."""
     yield
-    if not ROWS:
+    if not ROWS or not torch.cuda.is_available():
         return
     from tabulate import tabulate
 

@@ -1,5 +1,9 @@
-"""Triton INT4 kernels in the interpreter (CPU): integer accumulators bit-exact against the PyTorch reference,
-quantization identical to ``quant.quantize``, and the ``triton`` backend agreeing with ``fake_quant``."""
+"""Triton INT4 kernels: integer accumulators bit-exact against the PyTorch reference, quantization identical to
+``quant.quantize``, fused online transforms equal to the PyTorch ones, and the ``triton`` backend agreeing with
+``fake_quant``. In the interpreter on CPU (CI); the same file runs compiled on a GPU (``DEV``), inputs drawn on the
+CPU and moved, so both see the same numbers."""
+import os
+
 import pytest
 import torch
 
@@ -11,12 +15,15 @@ from helpers import logits  # noqa: E402
 
 from quantbench import models  # noqa: E402
 from quantbench.backends import int4  # noqa: E402
-from quantbench.backends.triton_int4 import kernels  # noqa: E402
+from quantbench.backends.triton_int4 import fuse, kernels  # noqa: E402
 from quantbench.errors import ConfigError  # noqa: E402
 from quantbench.quant import QuantSpec, fake_quant, parse_scheme, quantize  # noqa: E402
 from quantbench.registry import BACKENDS, METHODS  # noqa: E402
+from quantbench.transforms import BlockRotation, Hadamard, HeadHadamard, Permute, Scale  # noqa: E402
 
 K = kernels()
+os.environ.setdefault("QUANTBENCH_AUTOTUNE", "0")  # GPU: fixed tiles here (the tile test covers the tuned shapes)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 GRIDS = ["sym", "sym_pm", "asym", "minmax", "minmax_sym"]
 
 
@@ -24,7 +31,7 @@ def outliers(m, k, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=g)
     x[:, 3] *= 50  # a massive channel, as in down_proj inputs
-    return x
+    return x.to(DEV)
 
 
 def test_pack_unpack_round_trip_and_documented_nibble_order():
@@ -48,9 +55,12 @@ def test_pack_rejects_what_it_cannot_hold(bad, msg):
 def test_rotate_quant_without_rotation_is_quantize_exactly(grid, m):
     spec = QuantSpec(4, grid, "token", clip_ratio=0.9)
     x = outliers(m, 192, seed=m)
-    q, s, z, rs = K.rotate_quant(x, spec)
+    q, s, z, rs = (t if t is None else t.cpu() for t in K.rotate_quant(x, spec))
+    x = x.cpu()  # the reference is the CPU's: CUDA torch divides by a scalar as a multiply by its reciprocal
     rq, rsc, rz, rrs = int4.ref_rotate_quant(x, spec)
-    assert torch.equal(q, rq) and torch.equal(s, rsc) and torch.equal(rs, rrs)
+    assert torch.equal(q, rq) and torch.equal(rs, rrs)
+    # the interpreter: bit-exact scales; compiled on a GPU, within an ulp (seen on H100 for 4 of the 5 grids)
+    assert torch.equal(s, rsc) if DEV == "cpu" else torch.allclose(s, rsc, rtol=2e-7, atol=0)
     assert (z is None) == spec.signed and (z is None or torch.equal(z, rz))
     qt = quantize(x, spec)  # and the reference is the suite's one quantizer, shifted to signed codes
     assert torch.equal(q.short() + int4.shift_of(spec), qt.codes.short())
@@ -59,16 +69,65 @@ def test_rotate_quant_without_rotation_is_quantize_exactly(grid, m):
 @pytest.mark.parametrize("grid", ["sym", "minmax"])
 def test_rotate_quant_fuses_a_block_rotation(grid):
     """The rotation runs as an fp32 ``tl.dot``: values can differ from torch's matmul in the last ulp, so codes
-    must agree except at exact rounding ties (none seen) and scales to 1e-6."""
+    must agree except at exact rounding ties (none seen) and scales to 1e-6 (1e-5 on a GPU, where the rotation
+    dots run as 3xTF32)."""
     spec = QuantSpec(4, grid, "token")
     x = outliers(50, 256, seed=1)
-    r = torch.linalg.qr(torch.randn(128, 128, generator=torch.Generator().manual_seed(2)))[0]  # column-major Q
+    r = torch.linalg.qr(torch.randn(128, 128, generator=torch.Generator().manual_seed(2)))[0].to(DEV)  # column-major
     q, s, z, _ = K.rotate_quant(x, spec, r)
     rq, rsc, rz, _ = int4.ref_rotate_quant(x, spec, r)
     assert (q != rq).float().mean() <= 1e-3 and (q.short() - rq.short()).abs().max() <= 1
-    assert torch.allclose(s, rsc, rtol=1e-6) and (z is None or torch.equal(z, rz))
+    assert torch.allclose(s, rsc, rtol=1e-6 if DEV == "cpu" else 1e-5) and (z is None or torch.equal(z, rz))
     flat = (x.reshape(50, -1, 128) @ r).reshape(50, 256)  # the rotation flattens the outlier: finer scales
     assert s.max() < quantize(x, spec).scale.max() and torch.allclose(flat.norm(dim=1), x.norm(dim=1), rtol=1e-5)
+
+
+def _orth(b, g):
+    return torch.linalg.qr(torch.randn(b, b, generator=g, dtype=torch.float64))[0].float()  # column-major Q
+
+
+def _online(name, k):
+    """The online transforms of the plans, at small sizes: DuQuant's [Scale] R1 -> perm -> R2 (and a second
+    permutation round, only partly fused), QuaRot's Hadamards of K * 2^m sizes (SmolLM2's 576 = 36·16 and
+    1536 = 12·128; 11008 = 172·64 for LLaMA-2-7B's down_proj) and its head Hadamard."""
+    g = torch.Generator().manual_seed(k)
+    perm = lambda: Permute(torch.randperm(k, generator=g))  # noqa: E731
+    return {"duquant": lambda: [BlockRotation(_orth(64, g)), perm(), BlockRotation(_orth(64, g))],
+            "duquant+smooth": lambda: [Scale(torch.rand(k, generator=g) + 0.5), BlockRotation(_orth(64, g)), perm(),
+                                       BlockRotation(_orth(64, g))],
+            "duquant-2perm": lambda: [BlockRotation(_orth(64, g)), perm(), BlockRotation(_orth(64, g)), perm(),
+                                      BlockRotation(_orth(64, g))],
+            "hadamard": lambda: [Hadamard(k)], "head-hadamard": lambda: [HeadHadamard(k // 64, 64)]}[name]()
+
+
+@pytest.mark.parametrize("name,k,left_in_torch", [
+    ("duquant", 192, 0), ("duquant+smooth", 256, 0), ("duquant-2perm", 128, 2), ("hadamard", 576, 0),
+    ("hadamard", 1536, 0), ("hadamard", 11008, 0), ("hadamard", 256, 0), ("head-hadamard", 256, 0)])
+def test_fused_online_transform_equals_the_plans_transform(name, k, left_in_torch):
+    """``fuse`` splits a plan's online transform into (PyTorch rest, ``block_mix`` stage 1, ``rotate_quant``'s
+    rotation); composed, they equal the transform to fp32 rounding (1e-5 relative), and the quantized codes equal the
+    reference's except at rounding ties (kernels.md §6.3 K1a/K1b)."""
+    pre = _online(name, k)
+    rest, mix, rot = fuse(pre)
+    assert len(rest) == left_in_torch and (rot is None) == (name == "head-hadamard")
+    m = 2 if k > 4096 else 17
+    x = outliers(m, k, seed=k)
+    want = x
+    for t in pre:
+        want = t.to(DEV)(want)
+    got = x
+    for t in rest:
+        got = t.to(DEV)(got)
+    if mix is not None:
+        got = K.block_mix(got, **{a: v.to(DEV) if torch.is_tensor(v) else v for a, v in mix.items()})
+    rot = None if rot is None else rot.to(DEV)
+    rotated = got if rot is None else (got.reshape(m, -1, rot.shape[0]) @ rot).reshape(m, k)
+    assert rel(rotated, want) < 1e-5
+    spec = QuantSpec(4, "minmax", "token")
+    q, s, z, _ = K.rotate_quant(got, spec, rot)
+    rq, rs, rz, _ = int4.ref_rotate_quant(want, spec)
+    assert (q != rq).float().mean() <= 1e-3 and (q.short() - rq.short()).abs().max() <= 1
+    assert torch.allclose(s, rs, rtol=1e-5) and torch.equal(z, rz)
 
 
 @pytest.mark.parametrize("wgrid,agrid", [("sym", "sym"), ("minmax", "minmax"), ("asym", "sym"), ("sym", "asym")])
@@ -76,24 +135,40 @@ def test_rotate_quant_fuses_a_block_rotation(grid):
 def test_w4a4_accumulator_is_exact_and_epilogue_matches_fake_quant(wgrid, agrid, m):
     n, k = 96, 192  # N not a multiple of BLOCK_N; ragged M
     g = torch.Generator().manual_seed(m)
-    weight, x, bias = torch.randn(n, k, generator=g), outliers(m, k, seed=m), torch.randn(n, generator=g)
+    weight, x, bias = torch.randn(n, k, generator=g).to(DEV), outliers(m, k, seed=m), torch.randn(n, generator=g).to(DEV)
     qt = quantize(weight, QuantSpec(4, wgrid, "channel"))
     w = int4.int4_weight(qt)
     aspec = QuantSpec(4, agrid, "token")
     q, s, z, rs = K.rotate_quant(x, aspec)
     assert torch.equal(K.w4a4_gemm(q, s, z, rs, w, return_acc=True), int4.ref_w4a4_acc(q, w))
     y = K.w4a4_gemm(q, s, z, rs, w, bias)
-    assert torch.allclose(y, int4.ref_w4a4(q, s, z, rs, w, bias), rtol=0, atol=1e-5)
+    assert torch.allclose(y, int4.ref_w4a4(q, s, z, rs, w, bias), rtol=1e-6 if DEV == "cuda" else 0, atol=1e-5)
     fq = torch.nn.functional.linear(fake_quant(x, aspec), qt.dequantize(), bias)
     assert rel(y, fq) < 1e-5  # the stated per-layer bound (measured ~5e-7)
 
 
+@pytest.mark.parametrize("cfg", [{"BK": 256, "BM": 16, "BN": 64}, {"BK": 64, "BM": 32, "BN": 32, "GROUP_M": 2}])
+def test_gemm_tiles_spanning_several_layout_blocks_and_ragged_k(cfg):
+    """The tiles the GPU autotuner picks from: a BK of four 64-blocks over K=320 (a ragged last tile, masked) and
+    grouped launch order; the accumulator stays exact and w4a16 (split-K into 64-wide splits) agrees."""
+    g = torch.Generator().manual_seed(7)
+    n, k, m = 80, 320, 33
+    w = int4.int4_weight(quantize(torch.randn(n, k, generator=g), QuantSpec(4, "minmax", "channel"))).to(DEV)
+    q = torch.randint(-8, 8, (m, k), generator=g, dtype=torch.int8).to(DEV)
+    ones = torch.ones(m, device=DEV)
+    acc = K.w4a4_gemm(q, ones, None, q.sum(1, dtype=torch.int32), w, return_acc=True, config=cfg)
+    assert torch.equal(acc, int4.ref_w4a4_acc(q, w))
+    x = torch.randn(m, k, generator=g).to(DEV)
+    for split in (1, 5):
+        assert rel(K.w4a16_gemm(x, w, split_k=split, config=cfg), int4.ref_w4a16(x, w)) < 1e-6
+
+
 def test_w4a4_all_minus_eight_does_not_overflow():
-    q = torch.full((17, 128), -8, dtype=torch.int8)
+    q = torch.full((17, 128), -8, dtype=torch.int8, device=DEV)
     wq = torch.full((70, 128), -8, dtype=torch.int8)
     w = int4.Int4Weight(int4.pack_int4(wq), torch.ones(70, 1), None, wq.sum(1, dtype=torch.int32), 0,
-                        QuantSpec(4))
-    acc = K.w4a4_gemm(q, torch.ones(17), None, q.sum(1, dtype=torch.int32), w, return_acc=True)
+                        QuantSpec(4)).to(DEV)
+    acc = K.w4a4_gemm(q, torch.ones(17, device=DEV), None, q.sum(1, dtype=torch.int32), w, return_acc=True)
     assert torch.equal(acc, int4.ref_w4a4_acc(q, w)) and acc.unique().tolist() == [8192]
 
 
@@ -101,7 +176,7 @@ def test_w4a4_all_minus_eight_does_not_overflow():
 @pytest.mark.parametrize("m", [1, 17, 50])
 def test_w4a16_matches_dequantized_matmul_and_split_k_agrees(group, wgrid, m):
     g = torch.Generator().manual_seed(m)
-    weight, x = torch.randn(96, 256, generator=g), torch.randn(m, 256, generator=g)
+    weight, x = torch.randn(96, 256, generator=g).to(DEV), torch.randn(m, 256, generator=g).to(DEV)
     spec = QuantSpec(4, wgrid, "group" if group else "channel", group_size=group)
     qt = quantize(weight, spec)
     w = int4.int4_weight(qt)
@@ -116,10 +191,10 @@ def rel(a, b):
 
 
 def test_unsupported_shapes_and_specs_are_clear_errors():
-    w = int4.int4_weight(quantize(torch.randn(8, 128), QuantSpec(4, "sym", "group", group_size=64)))
-    q = torch.zeros(2, 128, dtype=torch.int8)
+    w = int4.int4_weight(quantize(torch.randn(8, 128), QuantSpec(4, "sym", "group", group_size=64))).to(DEV)
+    q = torch.zeros(2, 128, dtype=torch.int8, device=DEV)
     with pytest.raises(ConfigError, match="per-channel weights"):
-        K.w4a4_gemm(q, torch.ones(2), None, torch.zeros(2, dtype=torch.int32), w)
+        K.w4a4_gemm(q, torch.ones(2, device=DEV), None, torch.zeros(2, dtype=torch.int32, device=DEV), w)
     with pytest.raises(ConfigError, match="multiple of 64"):
         int4.int4_weight(quantize(torch.randn(8, 96), QuantSpec(4)))
     with pytest.raises(ConfigError, match="at most 4 bits"):
@@ -128,6 +203,10 @@ def test_unsupported_shapes_and_specs_are_clear_errors():
         K.rotate_quant(torch.randn(2, 192), QuantSpec(4, granularity="token"), torch.eye(48))
     with pytest.raises(ConfigError, match="K=128, the weight 192"):
         K.w4a16_gemm(torch.randn(2, 128), int4.int4_weight(quantize(torch.randn(8, 192), QuantSpec(4))))
+    with pytest.raises(ConfigError, match="must be 3x3"):
+        K.block_mix(torch.randn(2, 192), 64, left=torch.eye(4))
+    with pytest.raises(ConfigError, match="power-of-two block"):
+        K.block_mix(torch.randn(2, 192), 48)
 
 
 def test_speed_bench_code_runs_in_the_interpreter():
@@ -140,34 +219,65 @@ def test_speed_bench_code_runs_in_the_interpreter():
     spec = importlib.util.spec_from_file_location("kernel_speed", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    got = mod.cases(128, 256, 4, "cpu", torch.float16)
-    assert set(got) == {"bf16 matmul", "w4a4 gemm", "w4a4 + rotate_quant", "w4a16 g128"}
+    got = mod.cases(128, 256, 4, DEV, torch.float16)
+    assert {"bf16 matmul", "w4a4 gemm", "rotate_quant (128-block rotation)", "w4a4 + rotate_quant",
+            "w4a4 + DuQuant R1-perm-R2", "w4a16 g128"} <= set(got)
     outs = {name: fn() for name, (fn, _) in got.items()}
-    assert all(o.shape == (4, 128) and torch.isfinite(o.float()).all() for o in outs.values())
+    assert all(o.shape in ((4, 128), (4, 256)) and torch.isfinite(o.float()).all() for o in outs.values())
     r = mod.row("o", 4096, 4096, 2048, "w4a4 gemm", 0.1, "int8", 0.2)
     assert r["TOPS"] == round(2 * 2048 * 4096 * 4096 / 1e-4 / 1e12, 1) and r["speedup vs bf16"] == 2.0
+    assert mod.row("o", 4096, 4096, 2048, "rotate_quant", 0.1, None, 0.2)["speedup vs bf16"] == "50% of bf16"
 
 
-def _realized(method, scheme, backend, **opts):
+def _realized(method, scheme, backend, device="cpu", **opts):
     lm = models.load("tiny-llama", seed=0)
     m = METHODS.get(method)(**opts)
     from quantbench.data import Calibration
 
     calib = Calibration(lm.tokenizer, "austen", nsamples=2, seqlen=64, seed=0) if m.needs_calibration else None
     qm = m.quantize(lm, parse_scheme(scheme, m.specs()), calib)
+    qm.model.to(device)
+    _realized.last = qm
     return BACKENDS.get(backend)(qm)
 
 
 @pytest.mark.parametrize("method,scheme", [("rtn", "w4a16"), ("rtn", "w4a16g64"), ("rtn", "w4a4"),
-                                           ("duquant", "w4a4q4kv4")])
+                                           ("duquant", "w4a4q4kv4"), ("quarot", "w4a4")])
 def test_triton_backend_agrees_with_fake_quant_end_to_end(method, scheme, ids):
+    """Reference on the CPU; the triton model on ``DEV``. DuQuant's R1 -> perm -> R2 and QuaRot's online
+    Hadamards (down_proj ``H_K ⊗ H_2^m``, o_proj across heads) run fused in the kernels, nothing in PyTorch.
+
+    Every linear equals its fake-quant twin on the same input to 1e-5 (relative Frobenius error; 1e-2 compiled on a
+    GPU, see ``bound``). The logits agree to 1e-4 where no 4-bit
+    activation rounding flips on the ~1e-7 differences (fp32 summation order) between the paths: QuaRot W4A4
+    here flips one, and the logits then differ by 5.7e-2 (with fusion or without it), so they are held to 0.1."""
+    from quantbench.backends.fake_quant import FakeQuantLinear
+
     ref = logits(_realized(method, scheme, "fake_quant"), ids)
-    mod = _realized(method, scheme, "triton")
-    assert any(type(x).__name__ == "TritonLinear" for x in mod.modules())
-    got = logits(mod, ids)
-    assert rel(got, ref) < 1e-4
-    if method == "duquant":  # DuQuant's trailing block rotation R2 is fused into rotate_quant
-        assert any(getattr(x, "rotation", None) is not None for x in mod.modules())
+    mod = _realized(method, scheme, "triton", DEV)
+    lins = {n: x for n, x in mod.named_modules() if type(x).__name__ == "TritonLinear"}
+    assert lins and all(len(x.pre) == 0 for x in lins.values())
+    worst = {}
+
+    def check(lin, inp, out, name):
+        plan = _realized.last.linears[name]
+        twin = FakeQuantLinear(torch.nn.Linear(lin.in_features, lin.out_features, bias=False), plan).to(DEV)
+        twin.bias = lin.bias
+        ref = twin(inp[0]).float()
+        worst[name] = ((out.float() - ref).norm() / ref.norm()).item()
+
+    hooks = [x.register_forward_hook(lambda a, b, c, n=n: check(a, b, c, n)) for n, x in lins.items()]
+    got = logits(mod, ids.to(DEV)).cpu()
+    for h in hooks:
+        h.remove()
+    bound = 1e-5 if DEV == "cpu" else 1e-2  # GPU: 3xTF32 rotations flip rare 4-bit roundings (one seen: 2e-2 max-abs)
+    assert len(worst) == len(lins) and max(worst.values()) < bound, max(worst.items(), key=lambda kv: kv[1])
+    assert rel(got, ref) < (1e-4 if (method, scheme) != ("quarot", "w4a4") else 0.1)
+    fused = [x for x in lins.values() if x.mix is not None]
+    if method == "duquant":  # every linear: stage 1 (R1 + permutation scatter), R2 in rotate_quant
+        assert len(fused) == len(lins) and all("dst" in x.mix and x.rotation is not None for x in lins.values())
+    if method == "quarot":  # the online Hadamards of o_proj and down_proj inputs
+        assert {n.rsplit(".", 1)[-1] for n, x in lins.items() if x.mix is not None} == {"o_proj", "down_proj"}
 
 
 def test_triton_backend_refuses_plans_it_cannot_run():
@@ -224,3 +334,30 @@ def test_smollm2_w4a4_layers_on_real_activations_match_fake_quant():
         with torch.no_grad():
             ref, got = FakeQuantLinear(lin, plan)(acts[n]), TritonLinear(lin, plan, n)(acts[n])
         assert rel(got, ref) < 1e-6, n
+
+
+def test_layer_speed_bench_code_runs_in_the_interpreter(monkeypatch):
+    """bench/test_layer_speed.py's layer at small sizes on CPU (fp32): every variant runs prefill and decode, the
+    online transforms are fused (nothing left in PyTorch), and each INT4 layer stays near the FP one: relative to
+    the layer's update, 4-bit error on random weights (a transform not folded into the weight gives order 1)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "test_layer_speed.py"
+    spec = importlib.util.spec_from_file_location("layer_speed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for k, v in {"H": 256, "HEADS": 4, "HD": 64, "FFN": 768, "CTX": 16}.items():  # 768 = 12·64: H_12 ⊗ H_64
+        monkeypatch.setattr(mod, k, v)
+    lay = mod.layers(DEV, torch.float32)
+    assert set(lay) == {"bf16", "w4a4 rtn", "w4a4 duquant", "w4a4 quarot", "w4a16 g128"}
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 256, generator=g).to(DEV)
+    cache = tuple(torch.randn(2, 4, 16, 64, generator=g).to(DEV) for _ in range(2))
+    for inp, kv in ((x, None), (x[:, :1], cache)):
+        ref = lay["bf16"](inp, kv)
+        for name, layer in lay.items():
+            lins = list(layer.lin.values())
+            assert name == "bf16" or all(len(m.pre) == 0 for m in lins)
+            err = ((layer(inp, kv) - ref).norm() / (ref - inp).norm()).item()
+            assert err < (0.3 if name == "w4a16 g128" else 0.5), (name, err)  # measured 0.18-0.20 / 0.26-0.34

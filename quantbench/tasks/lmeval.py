@@ -30,7 +30,16 @@ from quantbench.tasks import Task
 
 log = logging.getLogger(__name__)
 
-HARNESS = f"lm-eval-{metadata.version('lm_eval')}"
+try:
+    HARNESS = f"lm-eval-{metadata.version('lm_eval')}"
+except metadata.PackageNotFoundError:  # a kernels-only install: the tasks say so when used (need_lm_eval)
+    HARNESS = None
+
+
+def need_lm_eval() -> str:
+    if HARNESS is None:
+        raise ConfigError("lm-eval tasks need lm-eval: pip install -r requirements.txt (it pins lm-eval==0.4.13)")
+    return HARNESS
 SEEDS = dict(random_seed=0, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234)  # lm-eval's
 
 # name -> (lm-eval task, folder under lm_eval/tasks, hub dataset)
@@ -185,7 +194,7 @@ def metrics_of(results: dict, task: str) -> dict[str, float]:
 
 def base_config(family: str, suite: str, task: str, *, num_fewshot=0, add_bos=False, max_length=2048, limit=0,
                 **extra) -> dict:
-    return {"kind": "lmeval", "family": family, "suite": suite, "task": task, "harness": HARNESS,
+    return {"kind": "lmeval", "family": family, "suite": suite, "task": task, "harness": need_lm_eval(),
             "num_fewshot": num_fewshot, "add_bos": add_bos, "max_length": max_length, "limit": limit, "seeds": SEEDS,
             **extra}
 
