@@ -76,6 +76,8 @@ def pytest_addoption(parser):
     add("--results-dir", default="results", help="where result records are written (one JSON per metric)")
     add("--leaderboard", default=None, help="also write the markdown leaderboard of --results-dir to this file")
     add("--resume", action="store_true", help="skip cases whose results already exist in --results-dir")
+    add("--no-cache", action="store_true", help="rebuild every cached artefact (activation statistics, generated "
+        "calibration) and store nothing ($QUANTBENCH_NO_CACHE=1)")
 
 
 @dataclass
@@ -167,6 +169,8 @@ def pytest_configure(config):
     if config.option.log_cli_level is None:  # live "what is happening" logs unless the user chose a level
         config.option.log_cli_level = "INFO"
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if getattr(config.option, "no_cache", False):
+        os.environ["QUANTBENCH_NO_CACHE"] = "1"
     try:
         config._qb_cases = build_cases(config.option)
     except QuantbenchError as e:

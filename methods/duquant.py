@@ -167,7 +167,7 @@ class DuQuant(Method):
                 per_block.append(time.perf_counter() - tb)
         finally:
             cfg._attn_implementation = impl
-        qm.info.update(smooth_s=round(t_smooth, 1), calib_s_per_block=round(sum(per_block) / len(per_block), 2))
+        qm.info.update(smooth_s=round(t_smooth, 1), calib_per_block_s=round(sum(per_block) / len(per_block), 2))
         return qm
 
     @torch.no_grad()

@@ -87,7 +87,7 @@ class OmniQuant(Method):
             cfg._attn_implementation = impl
         if ckpt.path is not None:
             ckpt.path.unlink(missing_ok=True)
-        qm.info.update(train_s_per_block=round(sum(per_block) / len(per_block), 2),
+        qm.info.update(train_per_block_s=round(sum(per_block) / len(per_block), 2),
                        final_loss={i: (v["loss"][-1] if v["loss"] else None) for i, v in losses.items()},
                        nan_restored=[i for i, v in losses.items() if v.get("nan_restored")],
                        resumed_blocks=[i for i, v in losses.items() if v.get("resumed")])

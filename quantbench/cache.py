@@ -39,8 +39,33 @@ def _write(path: Path, obj) -> None:
     os.replace(tmp_check, check)
 
 
+def enabled() -> bool:
+    """False under ``QUANTBENCH_NO_CACHE=1`` (the bench's ``--no-cache``): every entry is rebuilt and not stored."""
+    return os.environ.get("QUANTBENCH_NO_CACHE", "0") in ("", "0")
+
+
+def entries(kind: str | None = None) -> list[Path]:
+    """The cache's entries (``.pt`` files), of one kind or all; the converted model folders are not entries."""
+    root = models.cache_dir()
+    return sorted(p for p in (root / kind if kind else root).glob("**/*.pt") if p.is_file())
+
+
+def clean(kind: str | None = None) -> tuple[int, int]:
+    """Delete the entries (and their checksums) of one kind or all; (files removed, bytes freed)."""
+    n = size = 0
+    for p in entries(kind):
+        for f in (p, p.with_suffix(".sha256")):
+            if f.exists():
+                size += f.stat().st_size
+                f.unlink()
+                n += 1
+    return n, size
+
+
 def load_or_build(kind: str, key: str, build: Callable[[], object], what: str, use_cache: bool = True):
-    """The entry ``kind/key`` if present and intact, else ``build()`` (stored unless ``use_cache`` is False)."""
+    """The entry ``kind/key`` if present and intact, else ``build()`` (stored unless ``use_cache`` is False or the
+    cache is switched off, :func:`enabled`)."""
+    use_cache = use_cache and enabled()
     path = models.cache_dir() / kind / f"{key}.pt"
     if use_cache and path.exists():
         try:

@@ -133,5 +133,21 @@ class ResultStore:
         return out
 
 
+TIMING_KEYS = ("created", "wall_s", "quant_wall_s", "peak_mem_mb")
+
+
+def without_timings(record: dict) -> dict:
+    """The record minus what a re-run cannot repeat: timestamps, durations (top-level :data:`TIMING_KEYS` and every
+    nested key ending in ``_s``, the suite's convention for seconds) and peak memory. Two runs of one config give
+    equal results (tests/test_determinism.py)."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if not k.endswith("_s")}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+    return strip({k: v for k, v in record.items() if k not in TIMING_KEYS})
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")

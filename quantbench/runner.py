@@ -115,7 +115,9 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
         "model_revision": lm.info["revision"], "model_notes": lm.info["notes"],
         "tokenizer_hash": lm.info["tokenizer_hash"], "tokenizer_class": lm.info["tokenizer_class"],
         "scheme": scheme.name, "scheme_spec": scheme.to_dict(), "backend": cfg.backend, "dtype": base["dtype"],
-        "seed": cfg.seed, "method_options": method.opts, "calibration": {**base["calibration"], "windows_sha256": windows_digest(calib.windows)}
+        "seed": cfg.seed, "seeds": {"python": cfg.seed, "numpy": cfg.seed, "torch": cfg.seed,
+                                    "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()},
+        "method_options": method.opts, "calibration": {**base["calibration"], "windows_sha256": windows_digest(calib.windows)}
         if calib else None, "method_info": qm.info, "versions": versions(), "device": device_info(cfg.device),
         "quant_wall_s": round(quant_s, 3),
     }

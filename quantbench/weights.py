@@ -177,7 +177,7 @@ def gptq(qm: QuantizedModel, windows: torch.Tensor, spec: QuantSpec, cfg: GPTQCo
             per_block.append(time.perf_counter() - tb)
     total = time.perf_counter() - t0
     log.info("gptq: %d blocks in %.1fs (%.2fs/block)", len(per_block), total, sum(per_block) / len(per_block))
-    return {"gptq": cfg.to_dict(), "gptq_wall_s": round(total, 2), "gptq_s_per_block": round(
+    return {"gptq": cfg.to_dict(), "gptq_wall_s": round(total, 2), "gptq_per_block_s": round(
         sum(per_block) / len(per_block), 3)}
 
 

@@ -114,8 +114,61 @@ def render(records: list[dict], title: str = "quantbench leaderboard") -> str:
         out += family_tables([r for r in family if r["model"] == model])
         for key in sorted(k for k in groups if k[0] == model):
             out += [f"### `{key[1]}` — {key[2]}", "", table(groups[key]), ""]
+        out += paper_tables(records, [model])
     out += ["## Provenance", "", _provenance(records), ""]
     return "\n".join(out)
+
+
+def paper_tables(records: list[dict], models: list[str] | None = None) -> list[str]:
+    """Per model with paper numbers (:mod:`quantbench.reports.papers`): one row per (method, scheme, paper table),
+    each task's paper value beside our latest record of the same (model, method, scheme, task, metric). A record
+    measured under another protocol is shown marked ``≠`` (its label in the footnote), never compared; one with
+    non-default method options is marked ``*``."""
+    from quantbench.reports.papers import paper_values
+
+    records = latest(records)
+    out = []
+    for model in (models if models is not None else sorted({v.model for v in paper_values()})):
+        vals = paper_values(model)
+        if not vals:
+            continue
+        tasks = list(dict.fromkeys((v.task, v.metric) for v in vals))
+        rows: dict[tuple, dict] = {}
+        notes: list[str] = []
+        for v in vals:
+            row = rows.setdefault((v.method, v.scheme, v.source), {})
+            mine = sorted((r for r in records if (r["model"], r["method"], r["scheme"], r["task"], r["metric"])
+                           == v.key), key=lambda r: (r["protocol"] != v.protocol, bool(r.get("method_options"))))
+            ours = ""
+            if mine:
+                r = mine[0]
+                ours = _fmt(r["value"])
+                spec = r.get("scheme_spec") or {}
+                grids = [(t, g) for t, g in v.grids if (spec.get(t) or {}).get("grid") != g]
+                if r["protocol"] != v.protocol or grids:
+                    why = f"ours `{r['protocol']}`, paper `{v.protocol}`" if r["protocol"] != v.protocol else \
+                        "paper grids " + ", ".join(f"{t}={g}" for t, g in grids)
+                    notes.append(f"≠ {v.method} {v.scheme} {v.task}: {why}")
+                    ours += " ≠"
+                else:
+                    ours += f" ({r['value'] - v.value:+.2f})"
+                if r.get("method_options"):
+                    ours += " *"
+            row[(v.task, v.metric)] = (_fmt(v.value), ours)
+        table_rows = []
+        for (method, scheme, source), cells in rows.items():
+            vals_ = [x for t in tasks for x in cells.get(t, ("", ""))]
+            table_rows.append([method, scheme, *vals_, source])
+        headers = ["method", "scheme"] + [f"{t} {m} {who}" for t, m in tasks for who in ("paper", "ours")] + ["source"]
+        out += [f"### Papers' numbers beside ours — {model}", "",
+                "*ours*: the latest record of the same method, scheme, task and metric, with (ours − paper); "
+                "`≠` = measured under another protocol (not compared), `*` = non-default method options. Empty: "
+                "not run yet — these models need a GPU and the hub; the reproduction cards "
+                "(`quantbench/reports/papers.py`) give the exact commands. Accuracy averages (`avg`) are the "
+                "papers' alone so far (their harness differs from the pinned lm-eval).", "",
+                tabulate(table_rows, headers=headers, tablefmt="github", disable_numparse=True), ""]
+        out += [f"- {n}" for n in notes] + ([""] if notes else [])
+    return out
 
 
 # lm-eval task families: columns, shown metric and averages (values x100, as the papers print them)
@@ -236,14 +289,23 @@ def _provenance(records: list[dict]) -> str:
                     tablefmt="github", disable_numparse=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def read_args(doc: str, argv: list[str] | None, output_help: str, output_default: str | None = None):
+    """The report generators' shared command line: ``RESULTS_DIR [-o FILE]`` -> (args, records), records None
+    (after saying so) when the directory holds none."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("results_dir")
-    ap.add_argument("-o", "--output", help="write the markdown here (default: stdout)")
+    ap.add_argument("-o", "--output", default=output_default, help=output_help)
     args = ap.parse_args(argv)
     records = ResultStore(args.results_dir).records()
     if not records:
         print(f"no result records in {args.results_dir}", file=sys.stderr)
+        return args, None
+    return args, records
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, records = read_args(__doc__, argv, "write the markdown here (default: stdout)")
+    if records is None:
         return 1
     text = render(records)
     if args.output:

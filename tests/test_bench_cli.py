@@ -99,3 +99,43 @@ def test_duquant_on_the_triton_backend_matches_fake_quant(tmp_path):
         assert p.returncode == 0, p.stdout + p.stderr
     recs = {r["backend"]: r for r in (json.loads(f.read_text()) for f in tmp_path.glob("*.json"))}
     assert recs["triton"]["value"] == pytest.approx(recs["fake_quant"]["value"], rel=1e-4)
+
+
+def test_parallel_workers_share_one_results_directory(tmp_path):
+    """`pytest -n 2 bench/ ...` (pytest-xdist): the cases split over two worker processes writing into one results
+    directory (atomic, config-hash-named files); every record lands once, whole, and a second run with --resume
+    re-evaluates nothing."""
+    res = tmp_path / "res"
+    args = ("-n", "2", "--model", "tiny-llama", "--method", "fp16,rtn,gptq", "--wbits", "4,3", "--seqlen", "64",
+            "--ppl-windows", "2", "--nsamples", "2", "--calib-seqlen", "64", "--results-dir", str(res))
+    p = bench(*args)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "5 passed" in p.stdout
+    files = sorted(res.glob("*.json"))
+    recs = [json.loads(f.read_text()) for f in files]
+    assert len(recs) == 5 and len({r["config_hash"] for r in recs}) == 5
+    assert not list(res.glob(".*tmp*"))  # no temporary file left behind
+    stamps = {f.name: f.stat().st_mtime_ns for f in files}
+    p = bench(*args, "--resume")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert {f.name: f.stat().st_mtime_ns for f in res.glob("*.json")} == stamps  # nothing rewritten
+
+
+def test_slurm_array_script_runs_one_case_per_index(tmp_path):
+    """bench/slurm_array.sh: --count gives the array size; index i runs the i-th case into the shared directory."""
+    import os
+
+    res = tmp_path / "res"
+    opts = ["--model", "tiny-llama", "--method", "fp16,rtn", "--wbits", "4", "--seqlen", "64", "--ppl-windows", "2",
+            "--results-dir", str(res)]
+    script = str(ROOT / "bench" / "slurm_array.sh")
+    env = dict(os.environ, PYTHON=sys.executable)
+    n = subprocess.run(["bash", script, "--count", *opts], capture_output=True, text=True, timeout=300, env=env)
+    assert n.returncode == 0 and n.stdout.strip() == "2", n.stderr
+    env["SLURM_ARRAY_TASK_ID"] = "1"
+    p = subprocess.run(["bash", script, *opts], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert [json.loads(f.read_text())["method"] for f in res.glob("*.json")] == ["rtn"]
+    env["SLURM_ARRAY_TASK_ID"] = "2"
+    assert subprocess.run(["bash", script, *opts], capture_output=True, text=True, timeout=300,
+                          env=env).returncode == 2

@@ -1,0 +1,140 @@
+"""Accuracy regression check: re-run a small configured subset and compare it with the committed baselines.
+
+    python -m quantbench.reports.regress              # run, print the diff table; exit 1 when a metric moved
+    python -m quantbench.reports.regress --update     # re-record reports/baselines/regression.json (intended change)
+    python -m quantbench.reports.regress -k duquant   # only the checks whose id contains "duquant"
+
+The subset (:data:`CHECKS`) covers every registered method on the offline default model, SmolLM2-135M (real
+weights, real massive activations), with short calibrations and short GPTQ-protocol perplexity runs (2 x 256
+tokens of the shipped test split). A check fails when its value moves (either way) by more than its relative tolerance, when it has no
+baseline, or when its run fails; a changed config hash (the configuration's content changed) is flagged beside the
+numbers. CI runs it through ``tests/test_regress.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tabulate import tabulate
+
+BASELINE = Path(__file__).resolve().parent / "baselines" / "regression.json"
+
+
+@dataclass(frozen=True)
+class Check:
+    id: str
+    run: dict  # RunConfig fields
+    task: dict = field(default_factory=lambda: {"name": "ppl-austen", "seqlen": 256, "max_windows": 2})
+    tol: float = 1e-3  # relative; W4A4 runs get more: one flipped 4-bit rounding moves them (tests/test_triton_kernels)
+
+
+_SMOL = {"model": "smollm2-135m"}
+_CAL = {"corpus": "austen", "nsamples": 2, "seqlen": 256}
+CHECKS = [
+    Check("smollm2/fp16", {**_SMOL, "method": "fp16"}),
+    Check("smollm2/rtn-w4a16g64", {**_SMOL, "method": "rtn", "scheme": "w4a16g64"}),
+    Check("smollm2/rtn-w4a8", {**_SMOL, "method": "rtn", "scheme": "w4a8"}, tol=5e-3),
+    Check("smollm2/gptq-w4a16g64", {**_SMOL, "method": "gptq", "scheme": "w4a16g64", "calibration": _CAL}),
+    Check("smollm2/quarot-w4a4", {**_SMOL, "method": "quarot", "scheme": "w4a4"}, tol=1e-2),
+    Check("smollm2/smoothquant-w8a8", {**_SMOL, "method": "smoothquant", "scheme": "w8a8", "calibration": _CAL},
+          tol=5e-3),
+    Check("smollm2/duquant-w4a4", {**_SMOL, "method": "duquant", "scheme": "w4a4",
+                                   "calibration": {**_CAL, "nsamples": 1}, "options": {"steps": 16}}, tol=1e-2),
+    Check("smollm2/omniquant-w4a16", {**_SMOL, "method": "omniquant", "scheme": "w4a16",
+                                      "calibration": {**_CAL, "nsamples": 1, "seqlen": 128}, "options": {"epochs": 1}},
+          tol=5e-3),
+    Check("smollm2/gptq+normtweak-w4a16", {**_SMOL, "method": "gptq+normtweak", "scheme": "w4a16",
+                                           "calibration": {**_CAL, "nsamples": 1, "seqlen": 128}}, tol=5e-3),
+]
+
+
+def run_check(check: Check, results_dir: Path) -> dict:
+    """Run one check; its record (value, config hash, protocol)."""
+    from quantbench.results import ResultStore
+    from quantbench.runner import RunConfig, run
+    from quantbench.tasks import make_task
+
+    task = dict(check.task)
+    out = run(RunConfig(**check.run), [make_task(task.pop("name"), **task)], ResultStore(results_dir))
+    if not out.records:
+        raise RuntimeError(f"{check.id}: the run wrote no record ({out})")
+    r = out.records[0]
+    return {"value": r["value"], "metric": r["metric"], "config_hash": r["config_hash"], "protocol": r["protocol"],
+            "torch": r["versions"].get("torch"), "created": r["created"]}
+
+
+def compare(checks: list[Check], now: dict[str, dict | str], baseline: dict[str, dict]) -> tuple[list[list], bool]:
+    """(diff table rows, ok). ``now[id]`` is a record dict or an error string."""
+    rows, ok = [], True
+    for c in checks:
+        got, base = now.get(c.id), baseline.get(c.id)
+        if isinstance(got, str) or got is None:
+            rows.append([c.id, "", _f(base and base["value"]), "", "", "", f"{c.tol:g}", f"RUN FAILED: {got}"])
+            ok = False
+            continue
+        if base is None:
+            rows.append([c.id, got["protocol"], "", _f(got["value"]), "", "", f"{c.tol:g}", "NO BASELINE"])
+            ok = False
+            continue
+        rel = abs(got["value"] - base["value"]) / abs(base["value"])
+        status = "ok" if rel <= c.tol else ("WORSE" if got["value"] > base["value"] else "BETTER") + " beyond tol"
+        if got["config_hash"] != base["config_hash"]:
+            status += "; config changed"
+        ok &= rel <= c.tol
+        rows.append([c.id, got["protocol"], _f(base["value"]), _f(got["value"]), f"{got['value'] - base['value']:+.4g}",
+                     f"{rel:.2e}", f"{c.tol:g}", status])
+    return rows, ok
+
+
+HEADERS = ["check", "protocol", "baseline", "now", "Δ", "rel", "tol", "status"]
+
+
+def _f(x) -> str:
+    return "" if x is None else f"{x:.6g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--baseline", type=Path, default=BASELINE)
+    ap.add_argument("--update", action="store_true", help="write the values of this run as the new baselines")
+    ap.add_argument("-k", default="", help="only checks whose id contains this")
+    ap.add_argument("--results-dir", type=Path, default=None, help="keep the run's records here (default: a temp dir)")
+    args = ap.parse_args(argv)
+    checks = [c for c in CHECKS if args.k in c.id]
+    if not checks:
+        print(f"no check matches {args.k!r}; checks: {', '.join(c.id for c in CHECKS)}", file=sys.stderr)
+        return 2
+    baseline = json.loads(args.baseline.read_text()) if args.baseline.exists() else {}
+    now: dict[str, dict | str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        results = args.results_dir or Path(tmp)
+        for c in checks:
+            print(f"regress: {c.id} ...", file=sys.stderr, flush=True)
+            try:
+                now[c.id] = run_check(c, results)
+            except Exception as e:  # noqa: BLE001  (reported in the table; the other checks still run)
+                now[c.id] = f"{type(e).__name__}: {e}"
+    if args.update:
+        failed = [k for k, v in now.items() if isinstance(v, str)]
+        if failed:
+            print(f"not updating: {', '.join(failed)} failed", file=sys.stderr)
+            return 1
+        baseline.update(now)
+        args.baseline.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.baseline.with_suffix(".tmp")
+        tmp.write_text(json.dumps(baseline, indent=1, sort_keys=True) + "\n")
+        tmp.replace(args.baseline)
+        print(f"baselines written to {args.baseline} ({len(now)} checks)")
+        return 0
+    rows, ok = compare(checks, now, baseline)
+    print(tabulate(rows, headers=HEADERS, tablefmt="github", disable_numparse=True))
+    print("regress: OK" if ok else "regress: FAILED (a metric moved beyond its tolerance, or a check did not run)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

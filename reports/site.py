@@ -1,0 +1,156 @@
+"""The overview page ``reports/README.md`` and its plots, generated from a results directory.
+
+    python -m quantbench.reports.site reports/results -o reports/README.md   # plots go to reports/plots/
+
+Sections: the method x scheme matrix of the offline default model on the main perplexity protocol (every
+registered method, the W4A4 / W6A6 / W4A16 / W3A16 columns first), the lm-eval family tables, the papers'
+numbers beside ours for the real models (cells only a GPU user can fill), the reproduction cards, and the plots
+(matplotlib PNG): PPL against bits per method, and the method ranking at W4A4.
+"""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from tabulate import tabulate
+
+from quantbench.reports import leaderboard
+from quantbench.reports.papers import CARDS, INCONSISTENT
+
+MAIN_MODEL = "smollm2-135m"
+MAIN_PROTOCOL = "ppl/gptq/austen-test/seqlen2048/first8windows"  # tox -e bench's
+HEADLINE = ("w4a4", "w6a6", "w4a16", "w3a16")
+WEIGHT_ONLY = ("w4a16g64", "w4a16", "w3a16", "w2a16g64")  # the plot's x axes, bits falling
+WEIGHT_ACT = ("w8a8", "w6a6", "w4a8", "w4a4")
+
+
+def _bits(r: dict) -> tuple[int, int]:
+    s = r.get("scheme_spec") or {}
+    return leaderboard._bits(s.get("w")), leaderboard._bits(s.get("a"))
+
+
+def _methods() -> list[str]:
+    from quantbench.registry import METHODS, load_plugins
+
+    load_plugins()
+    return sorted(n for n in METHODS if getattr(METHODS.get(n), "role", "") != "plugin")  # plug-ins: as "base+plugin"
+
+
+def matrix(records: list[dict], model: str = MAIN_MODEL, protocol: str = MAIN_PROTOCOL) -> tuple[list, list, dict]:
+    """(headers, rows, cells): PPL per (method, scheme); several records of one cell (other options or
+    calibration) are all shown, ' / '-separated in creation order."""
+    recs = [r for r in leaderboard.latest(records) if r["model"] == model and r["protocol"] == protocol
+            and r["metric"] == "ppl"]
+    cells: dict[tuple, list] = defaultdict(list)
+    for r in sorted(recs, key=lambda r: r.get("created", "")):
+        cells[(r["method"], r["scheme"])].append(r)
+    others = sorted({s for _, s in cells if s not in HEADLINE and s != "w16a16"},
+                    key=lambda s: (-_bits(cells[next(k for k in cells if k[1] == s)][0])[0], s))
+    schemes = [*HEADLINE, *others]
+    methods = list(dict.fromkeys([*_methods(), *sorted({m for m, _ in cells})]))
+    rows = []
+    for m in methods:
+        if m == "fp16":  # its one cell is the page's reference line, not a scheme column
+            continue
+        rows.append([m, *[" / ".join(leaderboard._fmt(r["value"]) for r in cells.get((m, s), [])) or "·"
+                          for s in schemes]])
+    return ["method", *schemes], rows, cells
+
+
+def plots(cells: dict, out_dir: Path, model: str = MAIN_MODEL) -> list[Path]:
+    """PPL against bits per method and the W4A4 ranking; PNG files (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made = []
+    panels = (("weight-only", [x for x in WEIGHT_ONLY if any(k[1] == x for k in cells)]),
+              ("weights and activations", [x for x in WEIGHT_ACT if any(k[1] == x for k in cells)]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, (title, schemes) in zip(axes, panels):
+        for m in sorted({m for m, s in cells if s in schemes}):
+            xs = [i for i, x in enumerate(schemes) if (m, x) in cells]
+            ax.plot(xs, [min(r["value"] for r in cells[(m, schemes[i])]) for i in xs], "o-", label=m)
+        if ("fp16", "w16a16") in cells:
+            ax.axhline(cells[("fp16", "w16a16")][0]["value"], color="k", ls="--", lw=1, label="fp16")
+        ax.set_xticks(range(len(schemes)), schemes)
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("perplexity (log; lower is better)")
+    fig.suptitle(f"{model}: PPL against bits ({MAIN_PROTOCOL}; best record per cell)", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / f"ppl-vs-bits-{model}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    made.append(path)
+    w4a4 = sorted(((min(r["value"] for r in rs), m) for (m, s), rs in cells.items() if s == "w4a4"))
+    if w4a4:
+        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.4 * len(w4a4)))
+        ax.barh([m for _, m in w4a4][::-1], [v for v, _ in w4a4][::-1])
+        ax.set_xscale("log")
+        ax.set_xlabel("perplexity at W4A4 (log; lower is better)")
+        ax.set_title(f"{model}: method ranking at W4A4")
+        fig.tight_layout()
+        path = out_dir / f"ranking-w4a4-{model}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+def render(records: list[dict], out_path: Path, results_dir: str = "reports/results") -> str:
+    headers, rows, cells = matrix(records)
+    fp = cells.get(("fp16", "w16a16"))
+    made = plots(cells, out_path.parent / "plots") if cells else []
+    out = ["# quantbench results", "",
+           f"Generated by `python -m quantbench.reports.site {results_dir} -o {out_path}` (part of `tox -e bench`) "
+           "from the result records; each number's record (config hash, seed, versions, device) is in "
+           "`reports/results/`, and `reports/leaderboard.md` has every table in full.", "",
+           f"## {MAIN_MODEL}: every method x scheme (PPL, `{MAIN_PROTOCOL}`)", "",
+           f"FP16 reference: {leaderboard._fmt(fp[0]['value']) if fp else 'not run'}. "
+           "`·` = not run. A cell with several values: several records of the cell (other method options or "
+           "calibration; see the leaderboard). The W4A16/W3A16 columns are per-channel weights; grouped ones are "
+           "among the other columns.", "", tabulate(rows, headers=headers, tablefmt="github",
+                                                    disable_numparse=True), ""]
+    out += [f"![{p.stem}](plots/{p.name})" for p in made] + ([""] if made else [])
+    out += ["No speed records yet for an accuracy-vs-speed plot: kernel timings are in "
+            "`reports/kernels-*.md` and `reports/layer-*.md` (GPU).", ""]
+    fam = [r for r in leaderboard.latest(records) if r["model"] == MAIN_MODEL
+           and (r.get("task_config") or {}).get("family") in leaderboard.FAMILIES]
+    if fam:
+        out += [f"## {MAIN_MODEL}: lm-eval tasks", ""] + [line.replace("### ", "### ") for line in
+                                                            leaderboard.family_tables(fam)]
+    out += ["## The papers' numbers beside ours (real models: a GPU and the hub)", ""]
+    out += leaderboard.paper_tables(records)
+    out += ["Paper-internal inconsistencies, not used as targets: " + "; ".join(f"{w} — {y}" for w, y in INCONSISTENT)
+            + ".", "", "## Reproduction cards", "",
+            "Run `pytest bench/ <command>` on a GPU machine with the hub; expect each value within the tolerance. "
+            "The settings column names where each knob comes from.", ""]
+    rows = [[c.method, c.model, c.scheme, ", ".join(f"{t} {v}" for t, v in c.expect.items()), f"±{100 * c.rel_tol:g}%",
+             c.source, "; ".join(f"{k}: {v}" for k, v in c.settings.items()) + (f" — {c.notes}" if c.notes else ""),
+             f"`{c.command}`"] for c in CARDS]
+    out += [tabulate(rows, headers=["method", "model", "scheme", "expect", "tol", "source", "settings", "command"],
+                     tablefmt="github", disable_numparse=True), ""]
+    out += ["## Provenance", "", leaderboard._provenance(leaderboard.latest(records)), ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, records = leaderboard.read_args(__doc__, argv, "the page (default: reports/README.md)", "reports/README.md")
+    if records is None:
+        return 1
+    out = Path(args.output)
+    text = render(records, out, args.results_dir)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

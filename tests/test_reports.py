@@ -1,0 +1,170 @@
+"""Reporting: the papers' numbers and reproduction cards, the paper columns of the leaderboard, and the accuracy
+regression check (its committed baselines re-run in CI)."""
+import argparse
+import copy
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from quantbench import models
+from quantbench.reports import leaderboard, papers, regress
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench_parser() -> argparse.ArgumentParser:
+    """The bench's own options (bench/conftest.py::pytest_addoption) on a plain argparse parser."""
+    spec = importlib.util.spec_from_file_location("bench_conftest", ROOT / "bench" / "conftest.py")
+    conf = importlib.util.module_from_spec(spec)
+    sys.modules["bench_conftest"] = conf  # its dataclass needs its module registered
+    spec.loader.exec_module(conf)
+    ap = argparse.ArgumentParser()
+
+    class Group:
+        def addoption(self, *names, **kw):
+            ap.add_argument(*names, **kw)
+
+    class Parser:
+        def getgroup(self, *_a, **_k):
+            return Group()
+
+    conf.pytest_addoption(Parser())
+    return ap, conf
+
+
+@pytest.mark.parametrize("card", papers.CARDS, ids=lambda c: f"{c.method}-{c.model}-{c.scheme}")
+def test_every_reproduction_card_is_a_valid_bench_command(card, monkeypatch):
+    """Each card's command goes through the bench's option validation (methods, options, schemes, tasks,
+    calibration) and expands to exactly the card's (method, scheme); its expectations are paper values."""
+    ap, conf = _bench_parser()
+    opt = ap.parse_args(card.argv())
+    assert opt.model == card.model and card.model in models.ZOO
+    monkeypatch.setattr(models, "check_available", lambda name: None)  # the hub models: not here, by design
+    cases = conf.build_cases(opt)
+    assert [(c.cfg.method, c.cfg.scheme) for c in cases] == [(card.method, card.scheme)]
+    tasks = {t.name for t in cases[0].tasks}
+    assert set(card.expect) <= tasks and 0 < card.rel_tol <= 0.25
+    for task, value in card.expect.items():
+        found = papers.lookup(card.model, card.method, card.scheme, task, "ppl")
+        assert {v.value for v in found} == {value}, (task, found)
+        protocol = next(t.protocol for t in cases[0].tasks if t.name == task)
+        assert protocol in {v.protocol for v in found}, (protocol, found)
+
+
+def test_paper_values_are_unique_per_cell_and_keep_the_inconsistencies_out():
+    keys = [(v.key, v.source) for v in papers.VALUES]
+    assert len(keys) == len(set(keys))
+    cells = {}
+    for v in papers.VALUES:  # the same cell in two tables must agree (else it belongs in INCONSISTENT)
+        assert cells.setdefault((v.key, v.protocol, v.grids), v.value) == v.value, v
+    assert not papers.lookup("llama-3-8b", "duquant", "w4a4q4kv4", "ppl-wikitext2", "ppl")[0].value == 8.53
+    assert papers.lookup("llama-2-7b", "duquant", "w4a4q4kv4", "ppl-c4", "ppl")[0].value == 7.90
+
+
+def _record(model, method, scheme, task, value, protocol, **extra):
+    return {"model": model, "method": method, "scheme": scheme, "task": task, "metric": "ppl", "value": value,
+            "protocol": protocol, "config_hash": f"{method}{scheme}{protocol}", "created": "2026", **extra}
+
+
+def test_paper_columns_compare_only_the_same_protocol_and_grids():
+    recs = [_record("llama-2-7b", "duquant", "w4a4q4kv4", "ppl-wikitext2", 6.31, papers.WIKI),
+            _record("llama-2-7b", "duquant", "w4a4q4kv4", "ppl-c4", 8.2, papers.C4["omniquant-seed0"]),
+            _record("llama-2-7b", "quarot", "w4a4q4kv4", "ppl-wikitext2", 9.9, papers.WIKI,
+                    scheme_spec={"w": {"grid": "sym"}, "a": {"grid": "sym"}})]
+    text = "\n".join(leaderboard.paper_tables(recs, ["llama-2-7b"]))
+    row = next(line for line in text.splitlines() if line.startswith("| duquant ") and "Table 1" in line)
+    assert "6.31 (+0.03)" in row and "8.20 ≠" in row  # C4 under OmniQuant's subset: shown, not compared
+    assert "≠ duquant w4a4q4kv4 ppl-c4: ours `ppl/gptq/c4-validation/omniquant-seed0" in text
+    assert "9.90 ≠" in text and "paper grids w=asym, a=asym" in text  # QuaRot in DuQuant's asymmetric setting
+    assert leaderboard.paper_tables(recs, ["smollm2-135m"]) == []  # no paper numbers for the offline model
+
+
+def test_regression_compare_flags_moves_either_way_missing_baselines_and_failed_runs():
+    checks = regress.CHECKS[:4]
+    base = {c.id: {"value": 10.0, "config_hash": "h"} for c in checks[:3]}
+    tol = checks[0].tol
+    now = {checks[0].id: {"value": 10.0 * (1 + tol / 2), "config_hash": "h", "protocol": "p"},
+           checks[1].id: {"value": 10.0 * (1 - 3 * checks[1].tol), "config_hash": "h2", "protocol": "p"},
+           checks[2].id: "RuntimeError: boom",
+           checks[3].id: {"value": 5.0, "config_hash": "h", "protocol": "p"}}
+    rows, ok = regress.compare(checks, now, base)
+    status = {r[0]: r[-1] for r in rows}
+    assert not ok and status[checks[0].id] == "ok"
+    assert status[checks[1].id] == "BETTER beyond tol; config changed"
+    assert status[checks[2].id].startswith("RUN FAILED") and status[checks[3].id] == "NO BASELINE"
+    assert regress.compare(checks[:1], now, base)[1]
+
+
+def test_regression_main_prints_a_diff_table_and_fails_on_a_move(tmp_path, monkeypatch, capsys):
+    baseline = json.loads(regress.BASELINE.read_text())
+    assert {c.id for c in regress.CHECKS} == set(baseline)  # every check has a committed baseline
+    moved = copy.deepcopy(baseline)
+    cid = regress.CHECKS[0].id
+    moved[cid]["value"] *= 1.5
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(moved))
+    monkeypatch.setattr(regress, "run_check", lambda c, d: baseline[c.id])
+    assert regress.main(["--baseline", str(path), "-k", cid]) == 1
+    out = capsys.readouterr().out
+    assert "| check" in out and "beyond tol" in out and "regress: FAILED" in out
+    assert regress.main(["--baseline", str(regress.BASELINE), "-k", cid]) == 0
+    assert regress.main(["-k", "no-such-check"]) == 2
+
+
+@pytest.mark.slow
+def test_regression_subset_matches_the_committed_baselines(capsys):
+    """The CI step: every check re-run (about 80 s on 2 CPU cores) within its tolerance of the baseline."""
+    rc = regress.main([])
+    out = capsys.readouterr().out
+    print(out)
+    assert rc == 0, out
+
+
+def test_overview_page_and_plots_from_records(tmp_path):
+    from quantbench.reports import site
+
+    def rec(method, scheme, value, w, a):
+        spec = {"w": {"bits": w, "grid": "sym"} if w < 16 else None, "a": {"bits": a, "grid": "sym"} if a < 16 else None}
+        return _record("smollm2-135m", method, scheme, "ppl-austen", value, site.MAIN_PROTOCOL, scheme_spec=spec,
+                       run_id=method + scheme, backend="fake_quant", versions={"torch": "2.13"},
+                       device={"kind": "cpu", "name": "cpu"})
+    recs = [rec("fp16", "w16a16", 21.9, 16, 16), rec("rtn", "w4a4", 5261.8, 4, 4), rec("rtn", "w4a16", 46.8, 4, 16),
+            rec("duquant", "w4a4", 32.1, 4, 4), rec("gptq", "w3a16", 193.7, 3, 16)]
+    text = site.render(recs, tmp_path / "README.md", "results")
+    table = text.split("| method", 1)[1]
+    rtn = next(line for line in table.splitlines() if line.startswith("| rtn "))
+    assert [c.strip() for c in rtn.split("|")[1:6]] == ["rtn", "5261.80", "·", "46.80", "·"]
+    assert "FP16 reference: 21.90" in text and "| smoothquant " in table  # every registered method has a row
+    for name in ("ppl-vs-bits-smollm2-135m.png", "ranking-w4a4-smollm2-135m.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{name}" in text
+    assert "### Papers' numbers beside ours — llama-2-7b" in text and "## Reproduction cards" in text
+    assert f"`{papers.CARDS[0].command}`" in text and "Table F21" in text
+    assert site.main([str(tmp_path / "empty"), "-o", str(tmp_path / "x.md")]) == 1
+
+
+def test_cache_switch_list_and_clean(tmp_path, monkeypatch, capsys):
+    """--no-cache (QUANTBENCH_NO_CACHE=1) rebuilds and stores nothing; `quantbench cache list|clean [KIND]`."""
+    from quantbench import cache, cli
+
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
+    calls = []
+
+    def build():
+        calls.append(1)
+        return {"x": len(calls)}
+
+    assert cache.load_or_build("act-stats", "k1", build, "t") == {"x": 1}
+    assert cache.load_or_build("act-stats", "k1", build, "t") == {"x": 1} and len(calls) == 1  # from the cache
+    cache.load_or_build("generated", "k2", build, "t")
+    monkeypatch.setenv("QUANTBENCH_NO_CACHE", "1")
+    assert cache.load_or_build("act-stats", "k1", build, "t") == {"x": 3}  # rebuilt, not read
+    cache.load_or_build("act-stats", "k3", build, "t")
+    assert not (tmp_path / "act-stats" / "k3.pt").exists()  # and not stored
+    monkeypatch.delenv("QUANTBENCH_NO_CACHE")
+    assert [p.name for p in cache.entries()] == ["k1.pt", "k2.pt"]
+    assert cli.main(["cache", "list"]) == 0 and "act-stats/k1.pt" in capsys.readouterr().out
+    assert cli.main(["cache", "clean", "act-stats"]) == 0 and "removed 2 files" in capsys.readouterr().out
+    assert [p.name for p in cache.entries()] == ["k2.pt"] and cli.main(["cache", "bogus"]) == 2
