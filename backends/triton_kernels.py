@@ -1,9 +1,11 @@
-"""Triton INT4 kernels (kernels.md §6.3): ``rotate_quant``, ``w4a4_gemm``, ``w4a16_gemm`` (+ split-K for decode).
+"""Triton INT4 kernels (kernels.md §6.3): ``block_mix`` + ``rotate_quant`` (a plan's online transform fused with
+per-token quantization, two stages), ``w4a4_gemm``, ``w4a16_gemm`` (+ split-K for decode).
 
 Import through :func:`quantbench.backends.triton_int4.kernels`, which sets ``TRITON_INTERPRET=1`` on a machine
 without a GPU *before* this module defines its kernels (the interpreter is chosen at decoration time). Interpreter
 rules kept here: no bf16 into ``tl.dot`` (fp16/fp32 only), no inline asm, no libdevice (``rint`` is emulated).
-Every kernel has a pure-PyTorch reference in :mod:`quantbench.backends.int4`; the integer parts match it exactly.
+Every kernel has a pure-PyTorch reference (:mod:`quantbench.backends.int4`; for ``block_mix``, the plan's own
+transforms in :mod:`quantbench.transforms`); the integer parts match it exactly.
 """
 from __future__ import annotations
 
