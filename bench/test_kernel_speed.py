@@ -10,10 +10,6 @@ interpreter proves correctness, not speed: tests/test_triton_kernels.py).
 """
 from __future__ import annotations
 
-import datetime
-import platform
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -93,18 +89,10 @@ def test_gemm_speed(linear, m):
 
 @pytest.fixture(autouse=True)
 def _write_table():
-    """After every case: the table so far (a run cut short still leaves its rows)."""
+    """After every case: the table so far."""
     yield
-    if not ROWS or not torch.cuda.is_available():
-        return
-    from tabulate import tabulate
+    if ROWS and torch.cuda.is_available():
+        from quantbench.reports.speed import write_table
 
-    from quantbench.results import versions
-
-    dev = torch.cuda.get_device_name()
-    v = versions()
-    head = (f"# Triton INT4 kernels: GEMM speed on {dev}\n\n{datetime.date.today()}, torch {v['torch']}, triton "
-            f"{v['triton']}, quantbench {v['quantbench']}, python {platform.python_version()}. Median of "
-            f"`triton.testing.do_bench` (L2 flushed). % peak: of 989.4 (bf16) or 1978.9 (int8/fp8) dense.\n\n")
-    path = Path(__file__).resolve().parent.parent / "reports" / f"kernels-{dev.replace(' ', '-')}.md"
-    path.write_text(head + tabulate(ROWS, headers="keys", tablefmt="github") + "\n")
+        write_table("kernels", "Triton INT4 kernels: GEMM speed", "Median of `triton.testing.do_bench` (L2 flushed). "
+                    "% peak: of 989.4 (bf16) or 1978.9 (int8/fp8) dense.", ROWS)

@@ -17,10 +17,7 @@ memory go to ``reports/layer-<device>.md``. Skipped without a GPU.
 """
 from __future__ import annotations
 
-import datetime
 import math
-import platform
-from pathlib import Path
 
 import pytest
 import torch
@@ -151,27 +148,21 @@ def test_layer_speed(variants, phase, batch):
             peak = torch.cuda.max_memory_allocated() / 2**20
         base = ms if name == "bf16" else base
         ROWS.append({"phase": phase, "batch": batch, "tokens": batch * t, "variant": name, "ms": round(ms, 4),
-                     "speedup vs bf16": round(base / ms, 2), "peak MiB": round(peak), "rel. err of the update": round(err, 3), "timed as": how})
+                     "speedup vs bf16": round(base / ms, 2), "peak MiB": round(peak),
+                     "rel. err of the update": round(err, 3), "timed as": how})
         assert math.isfinite(err)
 
 
 @pytest.fixture(autouse=True)
 def _write_table():
-    """After every case: the table so far (a run cut short still leaves its rows)."""
+    """After every case: the table so far."""
     yield
-    if not ROWS or not torch.cuda.is_available():
-        return
-    from tabulate import tabulate
+    if ROWS and torch.cuda.is_available():
+        from quantbench.reports.speed import write_table
 
-    from quantbench.results import versions
-
-    dev = torch.cuda.get_device_name()
-    v = versions()
-    head = (f"# A LLaMA-2-7B decoder layer on {dev}: bf16 vs the Triton INT4 backend\n\n{datetime.date.today()}, "
-            f"torch {v['torch']}, triton {v['triton']}, quantbench {v['quantbench']}, python "
-            f"{platform.python_version()}. `pytest bench/test_layer_speed.py --speed --model tiny-llama`; median of "
-            f"`triton.testing.do_bench` (decode: CUDA-graph replays). Weights random; attention bf16 SDPA in every "
-            f"variant. *rel. err of the update*: ‖layer(x) − bf16 layer(x)‖ / ‖bf16 layer(x) − x‖ (4-bit "
-            f"quantization error on random weights, not a kernel error: the kernels are checked in tests/).\n\n")
-    path = Path(__file__).resolve().parent.parent / "reports" / f"layer-{dev.replace(' ', '-')}.md"
-    path.write_text(head + tabulate(ROWS, headers="keys", tablefmt="github") + "\n")
+        write_table("layer", "A LLaMA-2-7B decoder layer: bf16 vs the Triton INT4 backend",
+                    "`pytest bench/test_layer_speed.py --speed --model tiny-llama`; median of "
+                    "`triton.testing.do_bench` (decode: CUDA-graph replays). Weights random; attention bf16 SDPA in "
+                    "every variant. *rel. err of the update*: ‖layer(x) − bf16 layer(x)‖ / ‖bf16 layer(x) − x‖ "
+                    "(4-bit quantization error on random weights, not a kernel error: the kernels are checked in "
+                    "tests/).", ROWS)
