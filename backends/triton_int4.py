@@ -101,6 +101,7 @@ class TritonLinear(nn.Module):
         self.act = plan.act
         pre = list(plan.pre)
         self.rotation, self.mix = None, None
+        self.k = kernels()
         if self.act is not None:
             if self.act.granularity != "token" or self.act.bits > 8:
                 raise ConfigError(f"{name}: the triton backend quantizes activations per token to at most 8 bits, "
@@ -111,11 +112,14 @@ class TritonLinear(nn.Module):
             if self.mix is not None:
                 if "perm" in self.mix:  # the scatter's destinations, once
                     self.mix["dst"] = torch.argsort(self.mix.pop("perm")).to(torch.int32)
+                if "left" in self.mix:  # padded to the kernel's tile once, not per call
+                    self.mix["left"] = self.k.pad_left(self.mix["left"].float(), self.in_features // self.mix["block"])
+                if "rotation" in self.mix:
+                    self.mix["rotation"] = self.mix["rotation"].float().contiguous()
                 self.mix = {k: (v.to(linear.weight.device) if torch.is_tensor(v) else v) for k, v in self.mix.items()}
             if self.rotation is not None:
                 self.rotation = self.rotation.to(linear.weight.device)
         self.pre = nn.Sequential(*pre)
-        self.k = kernels()
 
     def forward(self, x):
         shape = x.shape

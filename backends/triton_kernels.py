@@ -158,6 +158,17 @@ def _mix_kernel(x_ptr, s_ptr, l_ptr, r_ptr, dst_ptr, y_ptr, K, NB, stride_xm,
     tl.store(y_ptr + row * K + out, acc, mask=cm[:, None])
 
 
+def pad_left(left: torch.Tensor, nb: int) -> torch.Tensor:
+    """The block-mixing matrix ``[nb, nb]`` zero-padded to the kernel's power-of-two tile, fp32 (done once per
+    module by the backend, not per call)."""
+    if left.shape != (nb, nb):
+        raise ConfigError(f"block_mix: the block-mixing matrix must be {nb}x{nb}, got {tuple(left.shape)}")
+    nbp = max(16, triton.next_power_of_2(nb))
+    lp = torch.zeros(nbp, nbp, dtype=torch.float32, device=left.device)
+    lp[:nb, :nb] = left
+    return lp
+
+
 def block_mix(x: torch.Tensor, block: int, scale=None, left=None, rotation=None, perm=None, dst=None) -> torch.Tensor:
     """Stage 1 of a fused online transform, fp32 ``[M, K]``: ``x / scale`` (smoothing), then ``Lᵀ`` across the
     ``K/block`` blocks (``left [K/b, K/b]``: the Hadamard's ``H_K`` factor, or a head Hadamard), ``R`` inside each
@@ -173,10 +184,7 @@ def block_mix(x: torch.Tensor, block: int, scale=None, left=None, rotation=None,
     dev = x.device
     lp = None
     if left is not None:
-        if left.shape != (nb, nb):
-            raise ConfigError(f"block_mix: the block-mixing matrix must be {nb}x{nb}, got {tuple(left.shape)}")
-        lp = torch.zeros(nbp, nbp, dtype=torch.float32, device=dev)
-        lp[:nb, :nb] = left
+        lp = left if left.shape == (nbp, nbp) and left.dtype == torch.float32 else pad_left(left, nb).to(dev)
     if dst is None and perm is not None:
         dst = torch.argsort(perm.to(dev)).to(torch.int32)  # column c of y goes where perm points at it
     y = torch.empty(m, k, dtype=torch.float32, device=dev)
