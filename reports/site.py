@@ -122,8 +122,7 @@ def render(records: list[dict], out_path: Path, results_dir: str = "reports/resu
     fam = [r for r in leaderboard.latest(records) if r["model"] == MAIN_MODEL
            and (r.get("task_config") or {}).get("family") in leaderboard.FAMILIES]
     if fam:
-        out += [f"## {MAIN_MODEL}: lm-eval tasks", ""] + [line.replace("### ", "### ") for line in
-                                                            leaderboard.family_tables(fam)]
+        out += [f"## {MAIN_MODEL}: lm-eval tasks", "", *leaderboard.family_tables(fam)]
     out += ["## The papers' numbers beside ours (real models: a GPU and the hub)", ""]
     out += leaderboard.paper_tables(records)
     out += ["Paper-internal inconsistencies, not used as targets: " + "; ".join(f"{w} — {y}" for w, y in INCONSISTENT)
