@@ -76,8 +76,11 @@ def pytest_addoption(parser):
     add("--results-dir", default="results", help="where result records are written (one JSON per metric)")
     add("--leaderboard", default=None, help="also write the markdown leaderboard of --results-dir to this file")
     add("--resume", action="store_true", help="skip cases whose results already exist in --results-dir")
-    add("--no-cache", action="store_true", help="rebuild every cached artefact (activation statistics, generated "
-        "calibration) and store nothing ($QUANTBENCH_NO_CACHE=1)")
+    add("--no-cache", action="store_true", help="rebuild every cached artefact (calibration windows, activation "
+        "statistics, generated calibration, calibrated plans) and store nothing ($QUANTBENCH_NO_CACHE=1)")
+    add("--offload", action="store_true", help="models larger than the device: keep the model in CPU memory; "
+        "calibration streams one block at a time through --device, whole-model passes and evaluation run through "
+        "accelerate's automatic device map ($QUANTBENCH_OFFLOAD_MAX_MEMORY, e.g. 0=70GiB,cpu=400GiB)")
 
 
 @dataclass
@@ -150,12 +153,13 @@ def build_cases(opt) -> list[Case]:
         options = method_opts[name]
         method(**options)  # validates option values up front
         if not method.quantizes:
-            cases.append(Case(RunConfig(name, opt.model, "w16a16", opt.backend, opt.seed, opt.dtype, device), tasks))
+            cases.append(Case(RunConfig(name, opt.model, "w16a16", opt.backend, opt.seed, opt.dtype, device,
+                                        offload=opt.offload), tasks))
             continue
         specs = override_specs(method(**options).specs(), overrides)  # validates grids and clips up front
         for s in dict.fromkeys(parse_scheme(s, specs).name for s in _schemes(opt)):
             cases.append(Case(RunConfig(name, opt.model, s, opt.backend, opt.seed, opt.dtype, device, calib,
-                                        overrides, options), tasks))
+                                        overrides, options, opt.offload), tasks))
     if not cases:
         raise QuantbenchError("nothing to run: --method is empty")
     return cases

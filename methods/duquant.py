@@ -35,14 +35,14 @@ from quantbench.adapters import LINEARS
 from quantbench.backends.fake_quant import ATTN_NAME
 from quantbench.blocktrain import install, train, uninstall
 from quantbench.errors import ConfigError
-from quantbench.layerwise import Layerwise
+from quantbench.layerwise import BlockCheckpoint, Layerwise
 from quantbench.method import Method
 from quantbench.methods.rtn import plain_plan
 from quantbench.quant import LearnableClip, QuantSpec, fake_quant, quantize
 from quantbench.registry import METHODS
 from quantbench.smoothing import duquant_scales, fuse_into_linear, fuse_into_norm
 from quantbench.stats import activation_stats
-from quantbench.transforms import BlockRotation, Hadamard, Permute, Scale
+from quantbench.transforms import BlockRotation, Hadamard, OnlineTransform, Permute, Scale
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,13 @@ class DuQuantLinear(nn.Module):
     at their group leader and copy its transform (``copy_quantizers_duquant_params``).
     """
 
-    def __init__(self, inner: nn.Linear, method: DuQuant, w_spec, a_spec, pre: list, leader: DuQuantLinear | None):
+    def __init__(self, inner: nn.Linear, method: DuQuant, w_spec, a_spec, pre: list, leader: DuQuantLinear | None,
+                 fixed: list | None = None):
         super().__init__()
         self.inner, self.method, self.w_spec, self.a_spec = inner, method, w_spec, a_spec
         self.pre = list(pre)
         self.leader = leader
+        self.fixed = fixed  # a transform found before (a resumed block): used instead of searching
         self.transform: list | None = None
         self.search: dq.Transform | None = None
         self.weight_t: torch.Tensor | None = None
@@ -71,6 +73,8 @@ class DuQuantLinear(nn.Module):
             if self.leader.transform is None:
                 raise RuntimeError("DuQuant group leader was not called before its sibling")
             self.transform, self.search = self.leader.transform, self.leader.search
+        elif self.fixed is not None:
+            self.transform = self.fixed
         else:
             m = self.method
             for t in self.pre:
@@ -116,6 +120,7 @@ def block_size_for(ad, wanted: int) -> int:
 @METHODS.register("duquant")
 class DuQuant(Method):
     needs_calibration = True
+    weight_only = False  # rotations and permutation against activation outliers: the paper's W4A4 / W6A6
     calib_defaults = {"nsamples": 128, "seqlen": 2048, "seed": 2}
     options = {"mode": "repo", "block_size": 128, "steps": 256, "permutation_times": 1, "alpha": 0.6,
                "swc": 0.8, "lac": 0.9, "epochs": 0, "lwc_lr": 1e-2, "smooth": True}
@@ -155,7 +160,8 @@ class DuQuant(Method):
         cfg = ad.config
         impl = cfg._attn_implementation
         cfg._attn_implementation = ATTN_NAME
-        per_block = []
+        per_block, resumed = [], []
+        ckpt = BlockCheckpoint(self.name, self.run_key)  # a killed run resumes after its last finished block
         try:
             runner = Layerwise(ad, calib.windows, self.device, desc=self.name, fp_stream=use_lwc)
             mean = torch.stack(runner.inputs).mean(0)  # rotate_inps = inps.mean(dim=0): one averaged sequence
@@ -163,11 +169,19 @@ class DuQuant(Method):
                 runner.inputs = [mean]
             for i, block in runner:
                 tb = time.perf_counter()
-                mean = self._block(i, block, runner, qm, o_scale.get(i), mean, use_lwc)
-                per_block.append(time.perf_counter() - tb)
+                saved = ckpt.blocks.get(i)
+                mean = self._block(i, block, runner, qm, o_scale.get(i), mean, use_lwc, saved)
+                if saved is None:
+                    ckpt.save(i, self._saved)
+                    per_block.append(time.perf_counter() - tb)
+                else:
+                    resumed.append(i)
         finally:
             cfg._attn_implementation = impl
-        qm.info.update(smooth_s=round(t_smooth, 1), calib_per_block_s=round(sum(per_block) / len(per_block), 2))
+        ckpt.done()
+        qm.info.update(smooth_s=round(t_smooth, 1), calib_per_block_s=round(sum(per_block) / max(len(per_block), 1), 2))
+        if resumed:
+            qm.info["resumed_blocks"] = resumed
         return qm
 
     @torch.no_grad()
@@ -190,14 +204,17 @@ class DuQuant(Method):
                 online[i] = s
         return online
 
-    def _block(self, i, block, runner, qm, o_scale, mean, use_lwc):
+    def _block(self, i, block, runner, qm, o_scale, mean, use_lwc, saved: dict | None):
+        """Calibrate block ``i`` (or, with ``saved`` from its checkpoint, redo it with the transforms and clips found
+        before: same plan and same outputs, no search, no training); ``self._saved`` is then its checkpoint."""
         ad, scheme = qm.adapter, qm.scheme
         lin = ad.linears(block)
         views: dict[str, DuQuantLinear] = {}
         for r in ("q", "k", "v", "o", "gate", "up", "down"):
             pre = [Scale(o_scale)] if (r == "o" and o_scale is not None) else []
             lead = views.get(LEADER[r]) if LEADER[r] != r else None
-            views[r] = DuQuantLinear(lin[r], self, scheme.w, scheme.a, pre, lead)  # Scale.fold: W * s
+            fixed = [OnlineTransform.from_state(t) for t in saved["transforms"][r]] if saved and lead is None else None
+            views[r] = DuQuantLinear(lin[r], self, scheme.w, scheme.a, pre, lead, fixed)  # Scale.fold: W * s
         attn = ad.attention(block)
         attn.qb_attention_plan = qm.attention[i]
         orig = install(block, {LINEARS[r]: v for r, v in views.items()})
@@ -205,7 +222,13 @@ class DuQuant(Method):
             with torch.no_grad():  # calibrate G on the averaged sequence, quantization on; its output goes on
                 mean = block(mean, **runner.kwargs)
             if use_lwc:
-                qm.info.setdefault("final_loss", {})[i] = self._train_lwc(i, block, runner, views)
+                if saved:
+                    for r, v in views.items():
+                        v.clip.load_state_dict(saved["clips"][r])
+                    loss = saved["final_loss"]
+                else:
+                    loss = self._train_lwc(i, block, runner, views)
+                qm.info.setdefault("final_loss", {})[i] = loss
                 runner.set_outputs(runner.forward(block))  # quantized stream through the trained block
             else:
                 runner.set_outputs([mean])
@@ -223,8 +246,15 @@ class DuQuant(Method):
             plan.weight = quantize(w, scheme.w, *lo_hi) if scheme.w is not None else None
             if scheme.w is None:  # FP weights: the model's linear must hold the folded weight itself
                 lin[r].weight.data = w.to(lin[r].weight.dtype)
-        qm.info.setdefault("searches", {})[i] = {
-            r: [s.kept for s in views[r].search.searches] for r in ("q", "o", "gate", "down")}
+        leaders = [r for r in views if LEADER[r] == r]
+        searches = saved["searches"] if saved else {r: [s.kept for s in views[r].search.searches] for r in leaders}
+        qm.info.setdefault("searches", {})[i] = searches
+        if saved:
+            self.gen.set_state(saved["rng"])  # the searches of later blocks draw what they would have drawn
+        self._saved = None if saved else {
+            "transforms": {r: [t.state() for t in views[r].transform] for r in leaders}, "searches": searches,
+            "clips": {r: v.clip.state_dict() for r, v in views.items()} if use_lwc else {},
+            "final_loss": qm.info.get("final_loss", {}).get(i), "rng": self.gen.get_state()}
         return mean
 
     def _train_lwc(self, i, block, runner, views) -> float | None:

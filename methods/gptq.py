@@ -18,7 +18,7 @@ class GPTQ(Method):
 
     def quantize_weights(self, qm, spec, calib, blocks=None):
         if blocks is None:
-            qm.info.update(gptq(qm, calib.windows, spec, gptq_config(self.opts), self.device))
+            qm.info.update(gptq(qm, calib.windows, spec, gptq_config(self.opts), self.device, self.run_key))
         else:
             qm.info.setdefault("gptq", gptq_config(self.opts).to_dict())
             gptq_block(qm, *blocks, spec, gptq_config(self.opts))

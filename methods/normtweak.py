@@ -22,9 +22,10 @@ from quantbench import normtweak as nt
 from quantbench.backends.fake_quant import quantized_block
 from quantbench.blocktrain import train
 from quantbench.errors import ConfigError
-from quantbench.layerwise import Layerwise
+from quantbench.layerwise import BlockCheckpoint, Layerwise
 from quantbench.method import Method
 from quantbench.plan import online_view
+from quantbench.quant import QTensor, QuantSpec
 from quantbench.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -47,22 +48,39 @@ class NormTweak(Method):
         ad, o, scheme = qm.adapter, self.opts, qm.scheme
         lr0, scale, source = nt.lr_settings(lm.info.get("id", ""), ad.config.model_type, o["nt_lr"], o["nt_scale"])
         nblocks = len(ad.blocks)
-        losses, per_block = {}, []
+        losses, per_block, resumed = {}, [], []
+        ckpt = BlockCheckpoint(self.name, self.run_key)  # a killed run resumes after its last finished block
         with online_view(qm):
             runner = Layerwise(ad, calib.windows, self.device, desc="normtweak")
             for i, block in runner:
                 tb = time.perf_counter()
+                names = [n for n in (ad.linear_name(i, r) for r in ad.linears(block)) if n in qm.linears]
+                if i in ckpt.blocks:  # the base's and the tweak's result for this block, then its outputs
+                    saved = ckpt.blocks[i]
+                    block.load_state_dict(saved["block"])
+                    for n in names:
+                        qm.linears[n].weight = _unqt(saved["codes"].get(n), block)
+                    losses[i] = saved["loss"]
+                    with quantized_block(qm, i, block), torch.no_grad():
+                        runner.set_outputs([_out(block(x, **runner.kwargs)) for x in runner.inputs])
+                    resumed.append(i)
+                    continue
                 with torch.no_grad():  # FP target: the FP block on the current input (before quantizing)
                     targets = [_out(block(x, **runner.kwargs)) for x in runner.inputs]
                 if scheme.w:
                     base.quantize_weights(qm, scheme.w, calib, blocks=(i, block, runner))
                 losses[i] = self._tweak(qm, i, block, runner, targets, nt.lr_for(i, nblocks, lr0, scale))
+                ckpt.save(i, {"block": block.state_dict(), "loss": losses[i], "codes": {
+                    n: _qt(qm.linears[n].weight) for n in names if qm.linears[n].weight is not None}})
                 per_block.append(time.perf_counter() - tb)
+        ckpt.done()
+        avg = sum(per_block) / max(len(per_block), 1)
         log.info("normtweak: %d blocks tweaked, lr0 %g scale %g (%s), loss %s, %.2fs/block", nblocks, lr0, scale,
-                 source, o["nt_loss"], sum(per_block) / len(per_block))
+                 source, o["nt_loss"], avg)
         qm.info.update(normtweak={"lr0": lr0, "scale": scale, "lr_source": source, "loss": o["nt_loss"],
-                                  "epochs": o["nt_epochs"], "mean_loss": losses,
-                                  "s_per_block": round(sum(per_block) / len(per_block), 2)})
+                                  "epochs": o["nt_epochs"], "mean_loss": losses, "per_block_s": round(avg, 2)})
+        if resumed:
+            qm.info["normtweak"]["resumed_blocks"] = resumed
 
     def _tweak(self, qm, i, block, runner, targets, lr) -> float | None:
         ad, kind, kw = qm.adapter, self.opts["nt_loss"], runner.kwargs
@@ -95,6 +113,18 @@ class NormTweak(Method):
             for p in frozen:
                 p.requires_grad_(True)
         return info["loss"][-1] if info["loss"] else None
+
+
+def _qt(q):
+    return {"codes": q.codes, "scale": q.scale, "zero": q.zero, "spec": q.spec.to_dict()}
+
+
+def _unqt(d, block):
+    if d is None:
+        return None
+    dev = next(block.parameters()).device
+    return QTensor(d["codes"].to(dev), d["scale"].to(dev), d["zero"].to(dev) if d["zero"] is not None else None,
+                   QuantSpec(**d["spec"]))
 
 
 def _out(y):

@@ -27,12 +27,11 @@ import time
 import torch
 from torch import nn
 
-from quantbench import models
 from quantbench.adapters import LINEARS
 from quantbench.backends.fake_quant import ATTN_NAME
-from quantbench.blocktrain import BlockCheckpoint, QLinearView, install, train, truncate, uninstall
+from quantbench.blocktrain import QLinearView, install, train, truncate, uninstall
 from quantbench.errors import ConfigError
-from quantbench.layerwise import Layerwise
+from quantbench.layerwise import BlockCheckpoint, Layerwise
 from quantbench.method import Method
 from quantbench.methods.rtn import plain_plan
 from quantbench.quant import LearnableClip, QuantSpec, quantize
@@ -71,8 +70,7 @@ class OmniQuant(Method):
         qm = plain_plan(lm, scheme, weights="omniquant (LWC)" if o["lwc"] else "round-to-nearest",
                         let=sorted(["qkv", "fc1", "qkt"] + ([] if gqa else ["out"])) if use_let else [],
                         let_skipped=["out (GQA)"] if use_let and gqa else [], no_let=["down_proj"])
-        ckpt = BlockCheckpoint(models.cache_dir() / "checkpoints" / f"omniquant-{self.run_key}.pt"
-                               if self.run_key else None)
+        ckpt = BlockCheckpoint("omniquant", self.run_key)
         cfg = ad.config
         impl = cfg._attn_implementation
         cfg._attn_implementation = ATTN_NAME
@@ -85,8 +83,7 @@ class OmniQuant(Method):
                 per_block.append(time.perf_counter() - t0)
         finally:
             cfg._attn_implementation = impl
-        if ckpt.path is not None:
-            ckpt.path.unlink(missing_ok=True)
+        ckpt.done()
         qm.info.update(train_per_block_s=round(sum(per_block) / len(per_block), 2),
                        final_loss={i: (v["loss"][-1] if v["loss"] else None) for i, v in losses.items()},
                        nan_restored=[i for i, v in losses.items() if v.get("nan_restored")],

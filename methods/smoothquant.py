@@ -39,6 +39,7 @@ def alpha_for(model_id: str, given: float) -> tuple[float, str]:
 class SmoothQuant(Method):
     role = "transform"
     needs_calibration = True
+    weight_only = False  # smoothing migrates activation outliers into weights: it is for quantized activations
     calib_defaults = {"nsamples": 512, "seqlen": 512, "seed": 42}  # calibration.py: 512 samples x 512 tokens
     options = {"alpha": -1.0}  # < 0: the per-model reference value
     defaults = {t: QuantSpec(8, "sym_pm", "channel" if t == "w" else "token") for t in "waqkv"}

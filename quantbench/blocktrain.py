@@ -4,7 +4,8 @@ A decoder block is trained in place: its linears are temporarily swapped for :cl
 compute ``Q_a(x / s_in) · Q_w^{LWC}(W diag(s_col) ⊙ r_row)ᵀ + b ⊙ r_row`` with learnable smoothing factors (LET)
 and clipping (LWC), straight-through rounding, and the block's attention quantized through its
 :class:`~quantbench.plan.AttentionPlan`. :func:`train` runs the optimiser loop with a NaN guard, and
-:class:`BlockCheckpoint` keeps each finished block's learned parameters on disk so a killed run resumes there.
+:class:`quantbench.layerwise.BlockCheckpoint` keeps each finished block's learned parameters on disk so a killed run
+resumes there.
 """
 from __future__ import annotations
 
@@ -120,28 +121,3 @@ def train(param_groups: list[dict], loss_at: Callable[[int], torch.Tensor], nsam
         history.append(total / nsamples)
         log.debug("%s epoch %d loss %.6g", desc, epoch, history[-1])
     return {"epochs_run": len(history), "loss": history, "nan_restored": restored}
-
-
-class BlockCheckpoint:
-    """Learned per-block parameters on disk (``{block index: {name: tensor}}``), rewritten atomically after each
-    block; a resumed run loads the finished blocks instead of training them again."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.blocks: dict[int, dict[str, torch.Tensor]] = {}
-        if path is not None and path.exists():
-            try:
-                self.blocks = torch.load(path, weights_only=True)
-                log.info("resuming from %s: blocks %s already calibrated", path, sorted(self.blocks))
-            except Exception as e:  # noqa: BLE001 - a damaged checkpoint is rebuilt, never trusted
-                log.warning("checkpoint %s unreadable (%s); starting over", path, e)
-                self.blocks = {}
-
-    def save(self, i: int, state: dict[str, torch.Tensor]) -> None:
-        self.blocks[i] = {k: v.detach().cpu().clone() for k, v in state.items()}
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
-        torch.save(self.blocks, tmp)
-        os.replace(tmp, self.path)

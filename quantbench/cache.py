@@ -62,20 +62,34 @@ def clean(kind: str | None = None) -> tuple[int, int]:
     return n, size
 
 
+def load(kind: str, key: str, what: str):
+    """The entry ``kind/key`` if present, intact and the cache is on, else None (a damaged entry is logged)."""
+    path = models.cache_dir() / kind / f"{key}.pt"
+    if not (enabled() and path.exists()):
+        return None
+    try:
+        if path.with_suffix(".sha256").read_text().strip() != _digest(path):
+            raise ValueError("checksum mismatch")
+        obj = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any damage means: rebuild
+        log.warning("%s cache %s is damaged (%s); rebuilding", what, path, e)
+        return None
+    log.info("%s from cache %s", what, path.name)
+    return obj
+
+
+def save(kind: str, key: str, obj) -> None:
+    """Store ``obj`` as ``kind/key`` (atomically, with its checksum), unless the cache is switched off."""
+    if enabled():
+        _write(models.cache_dir() / kind / f"{key}.pt", obj)
+
+
 def load_or_build(kind: str, key: str, build: Callable[[], object], what: str, use_cache: bool = True):
     """The entry ``kind/key`` if present and intact, else ``build()`` (stored unless ``use_cache`` is False or the
     cache is switched off, :func:`enabled`)."""
-    use_cache = use_cache and enabled()
-    path = models.cache_dir() / kind / f"{key}.pt"
-    if use_cache and path.exists():
-        try:
-            if path.with_suffix(".sha256").read_text().strip() != _digest(path):
-                raise ValueError("checksum mismatch")
-            log.info("%s from cache %s", what, path.name)
-            return torch.load(path, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any damage means: rebuild
-            log.warning("%s cache %s is damaged (%s); rebuilding", what, path, e)
-    obj = build()
-    if use_cache:
-        _write(path, obj)
+    obj = load(kind, key, what) if use_cache else None
+    if obj is None:
+        obj = build()
+        if use_cache:
+            save(kind, key, obj)
     return obj

@@ -191,9 +191,20 @@ class Calibration:
 
                 self._windows = generated_windows(self.lm, self.nsamples, self.seqlen, self.seed)
             else:
-                self._windows = calibration_windows(self.tokenizer, self.corpus, self.nsamples, self.seqlen,
-                                                    self.seed)
+                self._windows = self._cached_windows()
         return self._windows
+
+    def _cached_windows(self) -> torch.Tensor:
+        """:func:`calibration_windows` through the content-keyed cache: key = tokenizer content + corpus content
+        (the shipped files' sha256, or the hub dataset and file named) + count, length and seed."""
+        from quantbench.cache import key_of, load_or_build
+        from quantbench.models import tokenizer_hash
+
+        source = corpus_manifest()[self.corpus] if self.corpus in SHIPPED else \
+            {"wikitext2": "wikitext/wikitext-2-raw-v1/train", "c4": "allenai/c4/" + C4_FILES["train"]}[self.corpus]
+        ident = {"tokenizer": tokenizer_hash(self.tokenizer), "source": source, **self.config()}
+        return load_or_build("calib-windows", key_of(ident), lambda: calibration_windows(
+            self.tokenizer, self.corpus, self.nsamples, self.seqlen, self.seed), "calibration windows")
 
     def config(self) -> dict:
         """What identifies this calibration set (goes into config hashes and results)."""

@@ -18,6 +18,7 @@ import random
 import torch
 from tqdm.auto import tqdm
 
+from quantbench import offload
 from quantbench.cache import key_of, load_or_build
 from quantbench.errors import ConfigError
 
@@ -67,9 +68,10 @@ def first_tokens(tokenizer, n: int, seed: int, filter: str = "langdetect", tries
 
 
 @torch.no_grad()
-def sample(model, first: list[int], seqlen: int, gen: torch.Generator, eos: list[int], batch: int = 8) -> torch.Tensor:
+def sample(model, first: list[int], seqlen: int, gen: torch.Generator, eos: list[int], batch: int = 8,
+           device=None) -> torch.Tensor:
     """Greedy to ``GREEDY_TO`` tokens, then top-k sampling to ``seqlen`` with EOS suppressed (KV-cached)."""
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     rows = []
     for b in tqdm(range(0, len(first), batch), desc="generate calibration", leave=False):
         ids = torch.tensor(first[b:b + batch], device=device)[:, None]
@@ -109,6 +111,8 @@ def generated_windows(lm, nsamples: int, seqlen: int, seed: int, filter: str = "
         cfg_eos = getattr(lm.model.config, "eos_token_id", None)
         eos = sorted({i for i in [tok.eos_token_id, *(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])]
                       if isinstance(i, int)})
-        return sample(lm.model, first, seqlen, torch.Generator().manual_seed(seed), eos)
+        with offload.execution(lm):
+            return sample(lm.model, first, seqlen, torch.Generator().manual_seed(seed), eos,
+                          device=offload.input_device(lm))
 
     return load_or_build("generated", key_of(ident), build, "generated calibration", use_cache)

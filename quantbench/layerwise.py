@@ -13,6 +13,8 @@ model itself passed to block 0 (position embeddings, mask), so no decoder layer 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Callable, Iterator
 
 import torch
@@ -132,3 +134,57 @@ class Layerwise:
         finally:
             for h in handles:
                 h.remove()
+
+
+def _cpu(x):
+    if torch.is_tensor(x):
+        return x.detach().cpu().clone()
+    if isinstance(x, dict):
+        return {k: _cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_cpu(v) for v in x)
+    return x
+
+
+class BlockCheckpoint:
+    """What a method needs to redo a finished block without calibrating it again (nested dicts/lists of tensors and
+    numbers), one file per block written atomically when the block is done; a killed run resumes after the last
+    finished block (design §6). Files: ``<cache>/checkpoints/<tag>-<key>/<block>.pt``, ``key`` naming the run's
+    calibration identity (config hash, device, torch, code: ``planstore.calibration_key``); the folder is removed
+    once the method finishes. Only an unbroken run of blocks from 0 is resumed: a damaged file and everything after
+    it are calibrated again. ``key`` None keeps the states in memory only."""
+
+    def __init__(self, tag: str, key: str | None):
+        from quantbench.models import cache_dir
+
+        self.dir = cache_dir() / "checkpoints" / f"{tag}-{key}" if key else None
+        self.blocks: dict[int, dict] = {}
+        if self.dir is None or not self.dir.is_dir():
+            return
+        i = 0
+        while (f := self.dir / f"{i}.pt").exists():
+            try:
+                self.blocks[i] = torch.load(f, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - a damaged checkpoint is rebuilt, never trusted
+                log.warning("checkpoint %s unreadable (%s); calibrating from block %d", f, e, i)
+                break
+            i += 1
+        for f in self.dir.glob("*.pt"):  # after a gap or a damaged file: stale
+            if not (f.stem.isdigit() and int(f.stem) in self.blocks):
+                f.unlink()
+        if self.blocks:
+            log.info("resuming from %s: blocks 0-%d already calibrated", self.dir, len(self.blocks) - 1)
+
+    def save(self, i: int, state: dict) -> None:
+        self.blocks[i] = _cpu(state)
+        if self.dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / f"{i}.pt.tmp{os.getpid()}"
+        torch.save(self.blocks[i], tmp)
+        os.replace(tmp, self.dir / f"{i}.pt")
+
+    def done(self) -> None:
+        """The method finished: the checkpoint is no longer needed."""
+        if self.dir is not None and self.dir.is_dir():
+            shutil.rmtree(self.dir)

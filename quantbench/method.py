@@ -33,6 +33,9 @@ class Method:
     - ``needs_calibration``: whether ``quantize`` reads ``calib.windows`` (it enters the config hash only then);
     - ``calib_defaults``: the reference recipe's calibration windows (count, length, seed) when the user names none;
     - ``quantizes``: False for the floating-point baseline, whose scheme is always w16a16;
+    - ``weight_only``: False where weight-only schemes lie outside the method's reference scope (it exists to
+      quantize activations: SmoothQuant, DuQuant); such a run still works, is logged as such, and the overview
+      page marks those cells ``n/a`` instead of leaving them to be filled;
     - ``role``: what the method can be in a pipeline (``quantbench.pipeline``): a ``transform`` (rewrites the model
       and builds the plan: :meth:`prepare`), a ``weights`` quantizer (:meth:`quantize_weights`, also per block), a
       ``plugin`` that runs after a base, or ``method`` (whole, not composable).
@@ -47,6 +50,7 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     calib_defaults: ClassVar[dict] = {"nsamples": 128, "seqlen": 2048, "seed": 0}  # GPTQ/QuaRot: 128 x 2048, seed 0
     quantizes: ClassVar[bool] = True
+    weight_only: ClassVar[bool] = True  # weight-only (a16) schemes are in the method's reference scope
     role: ClassVar[str] = "method"
     weights_label: ClassVar[str | None] = None  # method_info["weights"] (default: the name)
 
@@ -56,7 +60,7 @@ class Method:
             known = ", ".join(sorted(self.options)) or "none"
             raise ConfigError(f"method {self.name!r} has no option {', '.join(unknown)}; its options: {known}")
         self.seed, self.device = seed, device
-        self.run_key: str | None = None  # the run's config hash, set by the runner (names per-block checkpoints)
+        self.run_key: str | None = None  # set by the runner: planstore.calibration_key (cached plan, block checkpoints)
         self.opts = {k: _coerce(k, opts.get(k, d), d) for k, d in self.options.items()}
         for k, allowed in self.choices.items():
             if self.opts[k] not in allowed:

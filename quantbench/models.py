@@ -79,6 +79,7 @@ class LoadedModel:
     tokenizer: object
     adapter: LlamaAdapter
     info: dict = field(default_factory=dict)  # name, id, revision, notes, dtype, tokenizer hash
+    exec_device: str | None = None  # set when offloaded: the model stays in CPU memory (quantbench.offload)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -59,6 +59,7 @@ def compose(name: str) -> type[Method]:
         defaults = classes[0].defaults
         choices = {k: v for c in classes for k, v in c.choices.items()}
         needs_calibration = bool(reads)
+        weight_only = all(c.weight_only for c in classes)
         calib_defaults = reads[-1].calib_defaults if reads else Method.calib_defaults
         parts = tuple(classes)
 

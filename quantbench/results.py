@@ -133,12 +133,13 @@ class ResultStore:
         return out
 
 
-TIMING_KEYS = ("created", "wall_s", "quant_wall_s", "peak_mem_mb")
+TIMING_KEYS = ("created", "wall_s", "quant_wall_s", "peak_mem_mb", "plan_source")  # plan_source: calibrated or cache
 
 
 def without_timings(record: dict) -> dict:
     """The record minus what a re-run cannot repeat: timestamps, durations (top-level :data:`TIMING_KEYS` and every
-    nested key ending in ``_s``, the suite's convention for seconds) and peak memory. Two runs of one config give
+    nested key ending in ``_s``, the suite's convention for seconds), peak memory and whether the plan was
+    calibrated or read from the cache. Two runs of one config give
     equal results (tests/test_determinism.py)."""
     def strip(x):
         if isinstance(x, dict):

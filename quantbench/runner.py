@@ -1,6 +1,7 @@
 """One benchmark run: load -> quantize (method) -> realize (backend) -> evaluate (tasks) -> result records."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from quantbench import models
+from quantbench import models, offload, planstore
 from quantbench.data import Calibration, windows_digest
 from quantbench.errors import UnavailableError
 from quantbench.quant import override_specs, parse_scheme
@@ -35,6 +36,7 @@ class RunConfig:
     calibration: dict = field(default_factory=dict)  # unset keys: the method's recipe (Method.calib_defaults)
     quantizers: dict = field(default_factory=dict)  # per tensor (w/a/q/k/v) QuantSpec overrides, e.g. {"w": {"grid": "minmax"}}
     options: dict = field(default_factory=dict)  # method options, e.g. {"rotate_mode": "random", "act_order": True}
+    offload: bool = False  # keep the model in CPU memory, visiting `device` block by block (quantbench.offload)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -73,8 +75,13 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
     method = METHODS.get(cfg.method)(seed=cfg.seed, device=cfg.device, **cfg.options)
     backend = BACKENDS.get(cfg.backend)
     scheme = parse_scheme(cfg.scheme, override_specs(method.specs(), cfg.quantizers))
+    if scheme.a is None and scheme.w is not None and not method.weight_only:
+        log.info("%s %s: weight-only is outside %s's reference scope (it exists to quantize activations); running "
+                 "it as asked", cfg.method, scheme.name, cfg.method)
     seed_everything(cfg.seed)
-    lm = models.load(cfg.model, cfg.torch_dtype, cfg.device, seed=cfg.seed)
+    lm = models.load(cfg.model, cfg.torch_dtype, "cpu" if cfg.offload else cfg.device, seed=cfg.seed)
+    if cfg.offload:
+        lm.exec_device = cfg.device
     calib = Calibration(lm.tokenizer, **calibration_config(method, cfg.calibration), lm=lm) \
         if method.needs_calibration else None
     base = {
@@ -103,8 +110,8 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
     if calib is not None:
         calib.windows  # noqa: B018 - build (or fail on unavailable data) before any quantization work
     t0 = time.perf_counter()
-    method.run_key = run_id
-    qm = method.quantize(lm, scheme, calib)
+    method.run_key = planstore.calibration_key(run_id, cfg.device)  # names the cached plan and block checkpoints
+    qm, plan_source = planstore.quantize(method, lm, scheme, calib)
     module = backend(qm)
     quant_s = time.perf_counter() - t0
     if cfg.device.startswith("cuda"):
@@ -119,8 +126,15 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
                                     "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()},
         "method_options": method.opts, "calibration": {**base["calibration"], "windows_sha256": windows_digest(calib.windows)}
         if calib else None, "method_info": qm.info, "versions": versions(), "device": device_info(cfg.device),
-        "quant_wall_s": round(quant_s, 3),
+        "quant_wall_s": round(quant_s, 3), "plan_source": plan_source, "offload": cfg.offload,
     }
+    with offload.dispatched(module, cfg.device) if cfg.offload else contextlib.nullcontext():
+        _evaluate(todo, module, lm, cfg, base, shared, store, out)
+    return out
+
+
+def _evaluate(todo, module, lm, cfg, base, shared, store, out) -> None:
+    scheme = shared["scheme"]
     for task in todo:
         t1 = time.perf_counter()
         metrics = task.evaluate(module, lm.tokenizer)
@@ -128,7 +142,7 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
         peak, peak_kind = peak_memory_mb(cfg.device)
         for metric, value in metrics.items():
             if not math.isfinite(value):
-                raise FloatingPointError(f"{task.name} {metric} is {value} for {cfg.method} {scheme.name}")
+                raise FloatingPointError(f"{task.name} {metric} is {value} for {cfg.method} {scheme}")
             full = {**base, "task": task.config, "metric": metric}
             rec = {
                 **shared, "schema": SCHEMA, "config_hash": config_hash(full), "task": task.name,
@@ -138,9 +152,8 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
             }
             store.write(rec)
             out.records.append(rec)
-            log.info("%s %s %s %s %s = %.4f (%.1fs)", cfg.model, cfg.method, scheme.name, task.protocol, metric,
+            log.info("%s %s %s %s %s = %.4f (%.1fs)", cfg.model, cfg.method, scheme, task.protocol, metric,
                      value, wall)
-    return out
 
 
 def _done(store: ResultStore, base: dict, task: Task) -> bool:

@@ -17,7 +17,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from quantbench import models
+from quantbench import models, offload
 from quantbench.cache import key_of, load_or_build
 from quantbench.data import windows_digest
 
@@ -50,8 +50,9 @@ def collect(lm: models.LoadedModel, windows: torch.Tensor) -> dict[str, dict[str
 
     handles = [lin.register_forward_hook(hook(name)) for name, *_, lin in lm.adapter.named_linears()]
     try:
-        for w in tqdm(windows, desc="activation stats", leave=False):
-            lm.model(w[None].to(lm.model.device), use_cache=False)
+        with offload.execution(lm):
+            for w in tqdm(windows, desc="activation stats", leave=False):
+                lm.model(w[None].to(offload.input_device(lm)), use_cache=False)
     finally:
         for h in handles:
             h.remove()

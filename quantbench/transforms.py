@@ -15,11 +15,33 @@ from quantbench import hadamard
 from quantbench.errors import ConfigError
 
 
+TRANSFORMS: dict[str, type] = {}  # class name -> class, for :meth:`OnlineTransform.from_state`
+
+
 class OnlineTransform(nn.Module):
-    """Base: ``forward`` transforms activations ``[..., C]``; ``fold`` gives the compensating weight."""
+    """Base: ``forward`` transforms activations ``[..., C]``; ``fold`` gives the compensating weight.
+
+    A transform is its buffers plus the integer attributes named in ``attrs``, which are also its constructor's
+    arguments: :meth:`state` / :meth:`from_state` round-trip it (a cached plan, ``quantbench.planstore``)."""
+
+    attrs: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        TRANSFORMS[cls.__name__] = cls
 
     def fold(self, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def state(self) -> dict:
+        return {"type": type(self).__name__, **{a: getattr(self, a) for a in self.attrs}, **dict(self.named_buffers())}
+
+    @staticmethod
+    def from_state(state: dict) -> OnlineTransform:
+        kind = state["type"]
+        if kind not in TRANSFORMS:
+            raise ValueError(f"unknown online transform {kind!r}")
+        return TRANSFORMS[kind](**{k: v for k, v in state.items() if k != "type"})
 
 
 class Scale(OnlineTransform):
@@ -94,6 +116,7 @@ class Hadamard(OnlineTransform):
         return hadamard.hadamard_transform(x, self.n)
 
     fold = forward
+    attrs = ("n",)
 
     def extra_repr(self):
         return f"n={self.n}"
@@ -113,6 +136,7 @@ class HeadHadamard(OnlineTransform):
         return hadamard.hadamard_transform(y, self.heads).transpose(-1, -2).reshape(x.shape)
 
     fold = forward
+    attrs = ("heads", "head_dim")
 
     def extra_repr(self):
         return f"heads={self.heads}, head_dim={self.head_dim}"

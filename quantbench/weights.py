@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from quantbench.adapters import LINEARS
 from quantbench.errors import ConfigError
-from quantbench.layerwise import Layerwise
+from quantbench.layerwise import BlockCheckpoint, Layerwise
 from quantbench.plan import QuantizedModel, online_view, unwrap
 from quantbench.quant import QTensor, QuantSpec, _grouped, mse_clip, qparams, quantize
 
@@ -163,22 +163,50 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, cfg: GPTQCo
 
 
 def gptq(qm: QuantizedModel, windows: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig = GPTQConfig(),
-         device: str = "cpu") -> dict:
+         device: str = "cpu", key: str | None = None) -> dict:
     """GPTQ every planned linear block by block (QuaRot ``gptq_fwrd``), calibrating on the plan's *online view*:
-    the planned online transforms active, activations unquantized. Returns timing info for provenance."""
+    the planned online transforms active, activations unquantized. Returns timing info for provenance.
+
+    With ``key`` (the run's calibration key) each finished block's codes are checkpointed; a killed run resumes
+    after the last finished block, the finished ones restored rather than recalibrated (same codes, bit for bit)."""
     adapter = qm.adapter
     t0 = time.perf_counter()
-    per_block = []
+    per_block, resumed = [], []
+    ckpt = BlockCheckpoint("gptq", key)
     with online_view(qm):
         runner = Layerwise(adapter, windows, device, desc="gptq")
         for i, block in runner:
             tb = time.perf_counter()
+            lins = {r: unwrap(m) for r, m in adapter.linears(block).items()}
+            if i in ckpt.blocks:
+                for r, d in ckpt.blocks[i].items():
+                    qt = QTensor(d["codes"], d["scale"], d["zero"], spec)
+                    _set_weight(qm, adapter.linear_name(i, r), lins[r], qt)
+                resumed.append(i)
+                continue
             gptq_block(qm, i, block, runner, spec, cfg)
+            done = {r: qm.linears[adapter.linear_name(i, r)].weight for r in lins
+                    if adapter.linear_name(i, r) in qm.linears}
+            ckpt.save(i, {r: {"codes": q.codes, "scale": q.scale, "zero": q.zero} for r, q in done.items()
+                          if q is not None})
             per_block.append(time.perf_counter() - tb)
+    ckpt.done()
     total = time.perf_counter() - t0
-    log.info("gptq: %d blocks in %.1fs (%.2fs/block)", len(per_block), total, sum(per_block) / len(per_block))
-    return {"gptq": cfg.to_dict(), "gptq_wall_s": round(total, 2), "gptq_per_block_s": round(
-        sum(per_block) / len(per_block), 3)}
+    avg = sum(per_block) / max(len(per_block), 1)
+    log.info("gptq: %d blocks in %.1fs (%.2fs/block)", len(adapter.blocks), total, avg)
+    out = {"gptq": cfg.to_dict(), "gptq_wall_s": round(total, 2), "gptq_per_block_s": round(avg, 3)}
+    return {**out, "gptq_resumed_blocks": resumed} if resumed else out
+
+
+def _set_weight(qm: QuantizedModel, name: str, lin, qt: QTensor) -> None:
+    """The plan takes the codes; the block's linear holds them dequantized, so what follows sees the quantized
+    block (``gptq_fwrd``)."""
+    if qt.codes.shape != lin.weight.shape:
+        raise ConfigError(f"{name}: checkpointed codes {tuple(qt.codes.shape)} do not fit {tuple(lin.weight.shape)}")
+    dev = lin.weight.device
+    qm.linears[name].weight = QTensor(qt.codes.to(dev), qt.scale.to(dev),
+                                      qt.zero.to(dev) if qt.zero is not None else None, qt.spec)
+    lin.weight.data = qt.dequantize(lin.weight.dtype).to(dev)
 
 
 def gptq_block(qm: QuantizedModel, i: int, block, runner: Layerwise, spec: QuantSpec, cfg: GPTQConfig) -> None:
@@ -202,8 +230,7 @@ def gptq_block(qm: QuantizedModel, i: int, block, runner: Layerwise, spec: Quant
                 raise ConfigError(f"{name}: {e}") from None
             except torch.linalg.LinAlgError as e:
                 raise ConfigError(f"{name}: GPTQ Cholesky failed ({e}); raise percdamp") from None
-            qm.linears[name].weight = qt
-            lins[r].weight.data = qt.dequantize(lins[r].weight.dtype).to(lins[r].weight.device)
+            _set_weight(qm, name, lins[r], qt)
 
 
 GPTQ_OPTIONS = GPTQConfig().to_dict()  # method options of every GPTQ-based method (reference defaults)

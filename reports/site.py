@@ -53,9 +53,23 @@ def matrix(records: list[dict], model: str = MAIN_MODEL, protocol: str = MAIN_PR
     for m in methods:
         if m == "fp16":  # its one cell is the page's reference line, not a scheme column
             continue
-        rows.append([m, *[" / ".join(leaderboard._fmt(r["value"]) for r in cells.get((m, s), [])) or "·"
+        rows.append([m, *[" / ".join(leaderboard._fmt(r["value"]) for r in cells.get((m, s), [])) or _empty(m, s)
                           for s in schemes]])
     return ["method", *schemes], rows, cells
+
+
+def _empty(method: str, scheme: str) -> str:
+    """An empty cell: ``n/a`` where the scheme is weight-only and the method exists to quantize activations
+    (``Method.weight_only``), else ``·`` (not run)."""
+    from quantbench.errors import ConfigError
+    from quantbench.quant import parse_scheme
+    from quantbench.registry import METHODS
+
+    try:
+        s, cls = parse_scheme(scheme), METHODS.get(method)
+    except ConfigError:
+        return "·"
+    return "n/a" if s.a is None and s.w is not None and not cls.weight_only else "·"
 
 
 def plots(cells: dict, out_dir: Path, model: str = MAIN_MODEL) -> list[Path]:
@@ -112,7 +126,8 @@ def render(records: list[dict], out_path: Path, results_dir: str = "reports/resu
            "`reports/results/`, and `reports/leaderboard.md` has every table in full.", "",
            f"## {MAIN_MODEL}: every method x scheme (PPL, `{MAIN_PROTOCOL}`)", "",
            f"FP16 reference: {leaderboard._fmt(fp[0]['value']) if fp else 'not run'}. "
-           "`·` = not run. A cell with several values: several records of the cell (other method options or "
+           "`·` = not run; `n/a` = weight-only, outside the reference scope of a method that exists to quantize "
+           "activations (SmoothQuant, DuQuant: `Method.weight_only`; it would run if asked). A cell with several values: several records of the cell (other method options or "
            "calibration; see the leaderboard). The W4A16/W3A16 columns are per-channel weights; grouped ones are "
            "among the other columns.", "", tabulate(rows, headers=headers, tablefmt="github",
                                                     disable_numparse=True), ""]

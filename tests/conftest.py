@@ -32,3 +32,7 @@ def tiny(request):
 def ids():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, models.TINY_DIMS["vocab_size"], (2, 48), generator=g)
+
+
+# No test reuses a calibrated plan stored by another (or by a bench run): tests/test_planstore.py switches it on.
+os.environ["QUANTBENCH_PLAN_CACHE"] = "0"

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from quantbench import models
 from quantbench.reports import leaderboard, papers, regress
@@ -137,6 +138,10 @@ def test_overview_page_and_plots_from_records(tmp_path):
     table = text.split("| method", 1)[1]
     rtn = next(line for line in table.splitlines() if line.startswith("| rtn "))
     assert [c.strip() for c in rtn.split("|")[1:6]] == ["rtn", "5261.80", "·", "46.80", "·"]
+    duquant = next(line for line in table.splitlines() if line.startswith("| duquant "))  # activation methods:
+    assert [c.strip() for c in duquant.split("|")[1:6]] == ["duquant", "32.10", "·", "n/a", "n/a"]  # a16 is n/a
+    sq = next(line for line in table.splitlines() if line.startswith("| smoothquant "))
+    assert [c.strip() for c in sq.split("|")[2:6]] == ["·", "·", "n/a", "n/a"]
     assert "FP16 reference: 21.90" in text and "| smoothquant " in table  # every registered method has a row
     for name in ("ppl-vs-bits-smollm2-135m.png", "ranking-w4a4-smollm2-135m.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plots/{name}" in text
@@ -168,3 +173,23 @@ def test_cache_switch_list_and_clean(tmp_path, monkeypatch, capsys):
     assert cli.main(["cache", "list"]) == 0 and "act-stats/k1.pt" in capsys.readouterr().out
     assert cli.main(["cache", "clean", "act-stats"]) == 0 and "removed 2 files" in capsys.readouterr().out
     assert [p.name for p in cache.entries()] == ["k2.pt"] and cli.main(["cache", "bogus"]) == 2
+
+
+def test_calibration_windows_are_cached_by_tokenizer_and_corpus_content(tmp_path, monkeypatch):
+    """Calibration windows: built once per (tokenizer content, corpus content, count, length, seed), then read; a
+    damaged entry is rebuilt."""
+    from quantbench import cache
+    from quantbench.data import Calibration, calibration_windows
+
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
+    tok = models.tiny_tokenizer()
+    ref = calibration_windows(tok, "austen", 3, 64, 2)
+    assert torch.equal(Calibration(tok, "austen", 3, 64, 2).windows, ref)
+    (entry,) = cache.entries("calib-windows")
+    monkeypatch.setattr("quantbench.data.calibration_windows", lambda *a: pytest.fail("rebuilt, not read"))
+    assert torch.equal(Calibration(tok, "austen", 3, 64, 2).windows, ref)
+    entry.write_bytes(b"garbage")
+    monkeypatch.setattr("quantbench.data.calibration_windows", lambda *a: ref + 0)
+    assert torch.equal(Calibration(tok, "austen", 3, 64, 2).windows, ref)  # damaged: rebuilt
+    Calibration(tok, "austen", 3, 64, 7).windows  # another seed: another entry
+    assert len(cache.entries("calib-windows")) == 2

@@ -5,9 +5,9 @@ import torch
 
 from quantbench import models
 from quantbench.backends.fake_quant import realize
-from quantbench.blocktrain import BlockCheckpoint, QLinearView, install, train, uninstall
+from quantbench.blocktrain import QLinearView, install, train, uninstall
 from quantbench.data import Calibration
-from quantbench.layerwise import Layerwise
+from quantbench.layerwise import BlockCheckpoint, Layerwise
 from quantbench.quant import LearnableClip, QuantSpec, fake_quant, parse_scheme
 from quantbench.registry import METHODS
 from quantbench.stats import activation_stats
@@ -184,8 +184,8 @@ def test_omniquant_resumes_from_its_block_checkpoint(windows, tmp_path, monkeypa
     monkeypatch.setattr(om, "train", dying)
     with pytest.raises(KeyboardInterrupt):
         _omni(models.load("tiny-llama"), windows, run_key="abc")
-    ckpt = tmp_path / "checkpoints" / "omniquant-abc.pt"
-    assert ckpt.exists() and list(BlockCheckpoint(ckpt).blocks) == [0]
+    ckpt = tmp_path / "checkpoints" / "omniquant-abc"
+    assert ckpt.exists() and list(BlockCheckpoint("omniquant", "abc").blocks) == [0]
     monkeypatch.setattr(om, "train", real_train)
     resumed = _omni(models.load("tiny-llama"), windows, run_key="abc")
     assert resumed.info["resumed_blocks"] == [0] and not ckpt.exists()
