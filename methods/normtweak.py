@@ -25,7 +25,7 @@ from quantbench.errors import ConfigError
 from quantbench.layerwise import BlockCheckpoint, Layerwise
 from quantbench.method import Method
 from quantbench.plan import online_view
-from quantbench.quant import QTensor, QuantSpec
+from quantbench.quant import QTensor
 from quantbench.registry import METHODS
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,8 @@ class NormTweak(Method):
                     saved = ckpt.blocks[i]
                     block.load_state_dict(saved["block"])
                     for n in names:
-                        qm.linears[n].weight = _unqt(saved["codes"].get(n), block)
+                        d = saved["codes"].get(n)
+                        qm.linears[n].weight = QTensor.from_state(d, next(block.parameters()).device) if d else None
                     losses[i] = saved["loss"]
                     with quantized_block(qm, i, block), torch.no_grad():
                         runner.set_outputs([_out(block(x, **runner.kwargs)) for x in runner.inputs])
@@ -71,7 +72,7 @@ class NormTweak(Method):
                     base.quantize_weights(qm, scheme.w, calib, blocks=(i, block, runner))
                 losses[i] = self._tweak(qm, i, block, runner, targets, nt.lr_for(i, nblocks, lr0, scale))
                 ckpt.save(i, {"block": block.state_dict(), "loss": losses[i], "codes": {
-                    n: _qt(qm.linears[n].weight) for n in names if qm.linears[n].weight is not None}})
+                    n: qm.linears[n].weight.state() for n in names if qm.linears[n].weight is not None}})
                 per_block.append(time.perf_counter() - tb)
         ckpt.done()
         avg = sum(per_block) / max(len(per_block), 1)
@@ -113,18 +114,6 @@ class NormTweak(Method):
             for p in frozen:
                 p.requires_grad_(True)
         return info["loss"][-1] if info["loss"] else None
-
-
-def _qt(q):
-    return {"codes": q.codes, "scale": q.scale, "zero": q.zero, "spec": q.spec.to_dict()}
-
-
-def _unqt(d, block):
-    if d is None:
-        return None
-    dev = next(block.parameters()).device
-    return QTensor(d["codes"].to(dev), d["scale"].to(dev), d["zero"].to(dev) if d["zero"] is not None else None,
-                   QuantSpec(**d["spec"]))
 
 
 def _out(y):

@@ -59,6 +59,10 @@ def clean(kind: str | None = None) -> tuple[int, int]:
                 size += f.stat().st_size
                 f.unlink()
                 n += 1
+    root = models.cache_dir() / kind if kind else models.cache_dir()
+    for d in sorted((d for d in root.glob("**/") if d != root), key=lambda d: -len(d.parts)):
+        if not any(d.iterdir()):  # e.g. a checkpoint folder emptied above
+            d.rmdir()
     return n, size
 
 

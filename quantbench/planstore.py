@@ -13,7 +13,8 @@ calibrating method).
 
 The key (:func:`calibration_key`) is the run's config hash (model revision + tokenizer hash + scheme + calibration +
 options + seed), the device and torch version the calibration ran on, and a digest of quantbench's own source: a
-code change never reuses a plan made by older code. ``QUANTBENCH_PLAN_CACHE=0`` (or ``--no-cache``) switches plan caching off.
+code change never reuses a plan made by older code. ``QUANTBENCH_PLAN_CACHE=0`` (or ``--no-cache``) switches plan
+caching off.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def enabled() -> bool:
 
 @cache
 def code_digest() -> str:
-    """sha256 of every ``.py`` file of the core package and of ``methods/``, in path order."""
+    """sha256 of every ``.py`` file of the core package and of ``methods/``, in path order; taken when this module
+    is imported (with the code it runs), not when first used."""
     import quantbench
     import quantbench.methods
 
@@ -76,11 +78,11 @@ def _unspec(d) -> QuantSpec | None:
 
 
 def _qt(q: QTensor | None):
-    return None if q is None else {"codes": q.codes, "scale": q.scale, "zero": q.zero, "spec": _spec(q.spec)}
+    return None if q is None else q.state()
 
 
 def _unqt(d) -> QTensor | None:
-    return None if d is None else QTensor(d["codes"], d["scale"], d["zero"], _unspec(d["spec"]))
+    return None if d is None else QTensor.from_state(d)
 
 
 def to_state(qm: QuantizedModel, before: dict[str, str]) -> dict:
@@ -184,3 +186,6 @@ def quantize(method, lm, scheme, calib) -> tuple[QuantizedModel, str]:
         log.warning("%s", e)
         return qm, f"calibrated (not cached: {e})"
     return qm, "calibrated"
+
+
+code_digest()  # now: a file edited while a run goes on must not lend its digest to the old code's plans

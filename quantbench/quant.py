@@ -151,6 +151,16 @@ class QTensor:
     zero: torch.Tensor | None
     spec: QuantSpec
 
+    def state(self) -> dict:
+        """Tensors and numbers only (``torch.load(weights_only=True)``): cached plans, block checkpoints."""
+        return {"codes": self.codes, "scale": self.scale, "zero": self.zero, "spec": self.spec.to_dict()}
+
+    @staticmethod
+    def from_state(d: dict, device=None) -> QTensor:
+        mv = (lambda t: t.to(device)) if device is not None else (lambda t: t)  # noqa: E731
+        return QTensor(mv(d["codes"]), mv(d["scale"]), mv(d["zero"]) if d["zero"] is not None else None,
+                       QuantSpec(**d["spec"]))
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = _grouped(self.codes, self.spec).float()
         if self.zero is not None:

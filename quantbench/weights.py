@@ -180,15 +180,13 @@ def gptq(qm: QuantizedModel, windows: torch.Tensor, spec: QuantSpec, cfg: GPTQCo
             lins = {r: unwrap(m) for r, m in adapter.linears(block).items()}
             if i in ckpt.blocks:
                 for r, d in ckpt.blocks[i].items():
-                    qt = QTensor(d["codes"], d["scale"], d["zero"], spec)
-                    _set_weight(qm, adapter.linear_name(i, r), lins[r], qt)
+                    _set_weight(qm, adapter.linear_name(i, r), lins[r], QTensor.from_state(d, lins[r].weight.device))
                 resumed.append(i)
                 continue
             gptq_block(qm, i, block, runner, spec, cfg)
             done = {r: qm.linears[adapter.linear_name(i, r)].weight for r in lins
                     if adapter.linear_name(i, r) in qm.linears}
-            ckpt.save(i, {r: {"codes": q.codes, "scale": q.scale, "zero": q.zero} for r, q in done.items()
-                          if q is not None})
+            ckpt.save(i, {r: q.state() for r, q in done.items() if q is not None})
             per_block.append(time.perf_counter() - tb)
     ckpt.done()
     total = time.perf_counter() - t0
@@ -203,10 +201,8 @@ def _set_weight(qm: QuantizedModel, name: str, lin, qt: QTensor) -> None:
     block (``gptq_fwrd``)."""
     if qt.codes.shape != lin.weight.shape:
         raise ConfigError(f"{name}: checkpointed codes {tuple(qt.codes.shape)} do not fit {tuple(lin.weight.shape)}")
-    dev = lin.weight.device
-    qm.linears[name].weight = QTensor(qt.codes.to(dev), qt.scale.to(dev),
-                                      qt.zero.to(dev) if qt.zero is not None else None, qt.spec)
-    lin.weight.data = qt.dequantize(lin.weight.dtype).to(dev)
+    qm.linears[name].weight = qt
+    lin.weight.data = qt.dequantize(lin.weight.dtype).to(lin.weight.device)
 
 
 def gptq_block(qm: QuantizedModel, i: int, block, runner: Layerwise, spec: QuantSpec, cfg: GPTQConfig) -> None:

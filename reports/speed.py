@@ -21,3 +21,24 @@ def write_table(kind: str, title: str, how: str, rows: list[dict]) -> Path:
     path = Path(__file__).resolve().parent / f"{kind}-{dev.replace(' ', '-')}.md"
     path.write_text(head + tabulate(rows, headers="keys", tablefmt="github") + "\n")
     return path
+
+
+def read_tables(kind: str, where: Path | None = None) -> dict[str, list[dict]]:
+    """``{device: rows}`` from the committed ``<kind>-<device>.md`` tables (the format :func:`write_table` writes;
+    numbers parsed, everything else kept as text)."""
+    out = {}
+    for path in sorted((where or Path(__file__).resolve().parent).glob(f"{kind}-*.md")):
+        lines = [ln for ln in path.read_text().splitlines() if ln.startswith("|")]
+        if len(lines) < 3:
+            continue
+        cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+        out[path.stem.removeprefix(f"{kind}-").replace("-", " ")] = [
+            {k: _num(v) for k, v in zip(cells[0], row)} for row in cells[2:]]
+    return out
+
+
+def _num(v: str):
+    try:
+        return float(v)
+    except ValueError:
+        return v

@@ -134,7 +134,21 @@ def test_overview_page_and_plots_from_records(tmp_path):
                        device={"kind": "cpu", "name": "cpu"})
     recs = [rec("fp16", "w16a16", 21.9, 16, 16), rec("rtn", "w4a4", 5261.8, 4, 4), rec("rtn", "w4a16", 46.8, 4, 16),
             rec("duquant", "w4a4", 32.1, 4, 4), rec("gptq", "w3a16", 193.7, 3, 16)]
-    text = site.render(recs, tmp_path / "README.md", "results")
+    layer = tmp_path / "speed" / "layer-Fake-GPU.md"
+    layer.parent.mkdir()
+    layer.write_text("# head\n\ntext\n\n| phase | batch | variant | ms | speedup vs bf16 |\n|---|---|---|---|---|\n"
+                     "| prefill | 16 | bf16 | 30.0 | 1 |\n| prefill | 16 | w4a4 rtn | 38.2 | 0.79 |\n"
+                     "| prefill | 16 | w4a4 duquant | 81.5 | 0.37 |\n| decode | 1 | w4a4 rtn | 1.3 | 0.24 |\n"
+                     "| prefill | 1 | w4a4 quarot | 3.7 | 0.54 |\n")
+    text = site.render(recs, tmp_path / "README.md", "results", speed_dir=layer.parent)
+    assert "![accuracy-vs-speed-Fake-GPU](plots/accuracy-vs-speed-Fake-GPU.png)" in text
+    assert "Not plotted (no accuracy record of that cell): w4a16 g128, w4a4 quarot." in text
+    assert (tmp_path / "plots" / "accuracy-vs-speed-Fake-GPU.png").read_bytes()[:4] == b"\x89PNG"
+    from quantbench.reports.speed import read_tables
+
+    rows = read_tables("layer", layer.parent)["Fake GPU"]
+    assert rows[1] == {"phase": "prefill", "batch": 16.0, "variant": "w4a4 rtn", "ms": 38.2, "speedup vs bf16": 0.79}
+    assert "No speed tables yet" in site.render(recs, tmp_path / "R2.md", "results", speed_dir=tmp_path / "none")
     table = text.split("| method", 1)[1]
     rtn = next(line for line in table.splitlines() if line.startswith("| rtn "))
     assert [c.strip() for c in rtn.split("|")[1:6]] == ["rtn", "5261.80", "·", "46.80", "·"]
