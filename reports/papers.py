@@ -199,6 +199,39 @@ CARDS = [
 ]
 
 
+@dataclass(frozen=True)
+class PaperCost:
+    """A cost a paper reports: the time to quantize a model, or a speedup over FP16 of its kernels."""
+
+    source: str
+    model: str
+    method: str
+    scheme: str
+    what: str  # "quantize" (seconds) or "layer <prefill|decode> bs <n>" (speedup over FP16)
+    value: float
+    setting: str  # where and how it was measured
+    device: str  # the GPU, matched against ours before comparing
+
+
+_A100 = "one A100, the method's reference recipe"
+_3090 = "one LLaMA layer, QuaRot's W4A4 kernel (DuQuant §4), seq 2048"
+COSTS = [
+    # DuQuant Table 12 (F24 for QuaRot): quantization runtime, LLaMA2-7B / 13B / 70B
+    *(PaperCost("DuQuant Table 12", m, "duquant", "w4a4q4kv4", "quantize", v, _A100, "A100")
+      for m, v in (("llama-2-7b", 50), ("llama-2-13b", 71), ("llama-2-70b", 270))),
+    *(PaperCost("DuQuant Table 12", m, "omniquant", "w4a4q4kv4", "quantize", v, _A100, "A100")
+      for m, v in (("llama-2-7b", 2.0 * 3600), ("llama-2-13b", 3.2 * 3600), ("llama-2-70b", 14.6 * 3600))),
+    *(PaperCost("DuQuant Table 12 (F24)", m, "quarot-gptq", "w4a4kv4", "quantize", v, _A100, "A100")
+      for m, v in (("llama-2-7b", 20 * 60), ("llama-2-13b", 36 * 60), ("llama-2-70b", 5.1 * 3600))),
+    # DuQuant Table 9: layer prefill speedup over FP16; Table 10 / E13: layer decode at batch 64
+    *(PaperCost("DuQuant Table 9", m, "duquant", "w4a4", f"layer prefill bs {b}", v, _3090, "3090")
+      for m, vs in (("llama-2-7b", (1.95, 2.03, 2.08)), ("llama-2-13b", (2.15, 2.30, 2.34)))
+      for b, v in zip((1, 4, 16), vs)),
+    *(PaperCost("DuQuant Table 10", "llama-2-7b", meth, "w4a4", "layer decode bs 64", v, _3090, "3090")
+      for meth, v in (("smoothquant", 1.508), ("quarot", 1.442), ("duquant", 1.321))),
+]
+
+
 def paper_values(model: str | None = None) -> list[PaperValue]:
     return [v for v in VALUES if model is None or v.model == model]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 from quantbench.reports import leaderboard
-from quantbench.reports.papers import CARDS, INCONSISTENT
+from quantbench.reports.papers import CARDS, COSTS, INCONSISTENT
 from quantbench.reports.speed import read_tables
 
 MAIN_MODEL = "smollm2-135m"
@@ -169,6 +169,43 @@ def accuracy_vs_speed(cells: dict, layer_tables: dict[str, list[dict]], out_dir:
     return made
 
 
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 600 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def cost_table(records: list[dict], layer_tables: dict[str, list[dict]]) -> list[str]:
+    """The papers' quantization times and kernel speedups (:data:`papers.COSTS`) beside ours: our latest calibrated
+    (not cached) record's ``quant_wall_s`` of the same model, method and scheme, and the layer benchmark's speedup
+    of the same method and phase (LLaMA-2-7B shapes). A figure measured on another GPU is marked ``≠``."""
+    recs = leaderboard.latest(records)
+    rows = []
+    for c in COSTS:
+        ours = []
+        if c.what == "quantize":
+            mine = [r for r in recs if (r["model"], r["method"], r["scheme"]) == (c.model, c.method, c.scheme)
+                    and r.get("quant_wall_s") is not None and not str(r.get("plan_source", "")).startswith("cache")]
+            if mine:
+                r = max(mine, key=lambda r: r.get("created", ""))
+                ours.append((_duration(r["quant_wall_s"]), (r.get("device") or {}).get("name", "?")))
+        elif c.model == "llama-2-7b":  # the layer benchmark's shapes
+            _, phase, _, batch = c.what.split()
+            for device, table in layer_tables.items():
+                ours += [(f"{r['speedup vs bf16']:.2f}x", device) for r in table
+                         if r.get("phase") == phase and r.get("batch") == int(batch)
+                         and LAYER_VARIANTS.get(str(r.get("variant"))) == (c.method, c.scheme)]
+        paper = _duration(c.value) if c.what == "quantize" else f"{c.value:.2f}x"
+        cells = [f"{v}{'' if c.device in d else ' ≠'}" for v, d in ours]
+        rows.append([c.model, c.method, c.scheme, c.what, paper, c.setting, " / ".join(cells),
+                     " / ".join(d for _, d in ours), c.source])
+    return ["### Quantization time and speed: the papers' figures beside ours", "",
+            "*ours*: quantization wall time of our latest calibrated record of the cell (a plan read from the cache "
+            "does not count), and the speedup over bf16 of `bench/test_layer_speed.py` (Triton INT4 backend); `≠` = "
+            "measured on another GPU, not comparable (the papers' speedups are QuaRot's INT4 kernel on an RTX 3090; "
+            "Hopper has no INT4 tensor cores). Empty: not measured yet.", "",
+            tabulate(rows, headers=["model", "method", "scheme", "what", "paper", "paper's setting", "ours",
+                                    "ours measured on", "source"], tablefmt="github", disable_numparse=True), ""]
+
+
 def render(records: list[dict], out_path: Path, results_dir: str = "reports/results",
            speed_dir: Path | None = None) -> str:
     headers, rows, cells = matrix(records)
@@ -198,6 +235,7 @@ def render(records: list[dict], out_path: Path, results_dir: str = "reports/resu
         out += [f"## {MAIN_MODEL}: lm-eval tasks", "", *leaderboard.family_tables(fam)]
     out += ["## The papers' numbers beside ours (real models: a GPU and the hub)", ""]
     out += leaderboard.paper_tables(records)
+    out += cost_table(records, read_tables("layer", speed_dir))
     out += ["Paper-internal inconsistencies, not used as targets: " + "; ".join(f"{w} — {y}" for w, y in INCONSISTENT)
             + ".", "", "## Reproduction cards", "",
             "Run `pytest bench/ <command>` on a GPU machine with the hub; expect each value within the tolerance. "

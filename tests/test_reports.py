@@ -207,3 +207,31 @@ def test_calibration_windows_are_cached_by_tokenizer_and_corpus_content(tmp_path
     assert torch.equal(Calibration(tok, "austen", 3, 64, 2).windows, ref)  # damaged: rebuilt
     Calibration(tok, "austen", 3, 64, 7).windows  # another seed: another entry
     assert len(cache.entries("calib-windows")) == 2
+
+
+def test_cost_table_puts_the_papers_times_and_speedups_beside_ours():
+    """DuQuant Tables 9, 10, 12: our calibrated record's quantization time (a cached plan's does not count) and the
+    layer benchmark's speedup; another GPU is marked ≠."""
+    from quantbench.quant import parse_scheme
+    from quantbench.registry import METHODS
+    from quantbench.reports import site
+    from quantbench.reports.papers import COSTS
+
+    for c in COSTS:  # every cost names a registered method and a valid scheme
+        METHODS.get(c.method), parse_scheme(c.scheme)
+    recs = [_record("llama-2-7b", "duquant", "w4a4q4kv4", "ppl-wikitext2", 6.3, papers.WIKI, quant_wall_s=48.0,
+                    device={"kind": "cuda", "name": "NVIDIA A100-SXM4-80GB"}, created="1"),
+            _record("llama-2-7b", "duquant", "w4a4q4kv4", "ppl-c4", 7.9, papers.C4["duquant-seed20"], quant_wall_s=0.5,
+                    plan_source="cache:k", device={"kind": "cuda", "name": "NVIDIA A100-SXM4-80GB"}, created="2"),
+            _record("llama-2-13b", "duquant", "w4a4q4kv4", "ppl-wikitext2", 5.3, papers.WIKI, quant_wall_s=95.0,
+                    config_hash="13b", device={"kind": "cuda", "name": "NVIDIA H100 80GB HBM3"})]
+    layer = {"NVIDIA H100 80GB HBM3": [{"phase": "prefill", "batch": 16.0, "variant": "w4a4 duquant",
+                                        "speedup vs bf16": 0.37}]}
+    text = "\n".join(site.cost_table(recs, layer))
+    lines = {tuple(c.strip() for c in ln.split("|")[1:5]): ln for ln in text.splitlines() if ln.startswith("| llama")}
+    assert "| 50 s " in lines[("llama-2-7b", "duquant", "w4a4q4kv4", "quantize")]
+    assert "| 48 s " in lines[("llama-2-7b", "duquant", "w4a4q4kv4", "quantize")]  # not the cached 0.5 s
+    assert "95 s ≠" in lines[("llama-2-13b", "duquant", "w4a4q4kv4", "quantize")]  # H100 vs the paper's A100
+    assert "| 2.08x " in lines[("llama-2-7b", "duquant", "w4a4", "layer prefill bs 16")]
+    assert "0.37x ≠" in lines[("llama-2-7b", "duquant", "w4a4", "layer prefill bs 16")]
+    assert "| 14.6 h " in lines[("llama-2-70b", "omniquant", "w4a4q4kv4", "quantize")]
