@@ -210,13 +210,15 @@ def tokenizer_hash(tok) -> str:
 
 
 def _dir_fingerprint(path: str) -> str:
-    """Cheap fingerprint of a model directory: config.json content + weight file names and sizes."""
+    """Content fingerprint of a model directory: config.json + the sha256 of every weight file (memoised by path,
+    size and mtime, so a 13 GB model is hashed once per file version, not per load). It is the model's
+    ``revision`` when no hub commit names it, and so keys its results and caches."""
     h = hashlib.sha256()
     for f in sorted(Path(path).iterdir()):
         if f.name == "config.json":
             h.update(f.read_bytes())
         elif f.suffix in (".safetensors", ".bin"):
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
+            h.update(f"{f.name}:{_cached_digest(f)}".encode())
     return "dir:" + h.hexdigest()[:16]
 
 

@@ -112,3 +112,14 @@ def test_no_offline_variables_still_no_retry_wait(tokenizer, monkeypatch):
         data.ppl_windows(tokenizer, "wikitext2")
     assert time.perf_counter() - t0 < 5
     assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # restored
+
+
+def test_local_directory_revision_is_a_content_hash(tmp_path, tokenizer, monkeypatch):
+    """Same config, same file sizes, other weights (a re-saved fine-tune): another revision, so no cached plan or
+    statistic of the old weights is ever reused."""
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path / "cache"))
+    revs = []
+    for seed in (0, 1, 0):
+        models.tiny_model("tiny-llama", seed=seed).save_pretrained(tmp_path / "m")
+        revs.append(models._dir_fingerprint(str(tmp_path / "m")))
+    assert revs[0] != revs[1] and revs[0] == revs[2]
