@@ -6,8 +6,9 @@ attention: Q/K/V specs and the Q/K transform; the method's info) and the model t
 fusions, rotations, smoothing), found by comparing content digests taken before and after quantizing. A linear
 weight that has codes in the plan is not stored: every backend computes with the dequantized codes and never reads
 it (``fake_quant.FakeQuantLinear``, ``triton_int4.TritonLinear``), so it is restored as those (GPTQ leaves exactly
-them there anyway; DuQuant leaves its rotated, clipped FP weight). This keeps an entry near the size of the codes
-(SmolLM2-135M fp32: about 107 MB instead of 500 MB). Restoring onto a freshly loaded model gives the same plan and
+them there anyway; DuQuant leaves its rotated, clipped FP weight). With codes of at most 4 bits packed two per byte
+(``QTensor.state``) an entry stays near the size of the codes: SmolLM2-135M fp32, GPTQ W4A16 54 MB, DuQuant W4A4
+60 MB (500 MB with its rotated FP weights), SmoothQuant W8A8 107 MB, QuaRot-GPTQ W4A4 281 MB (rotated embeddings). Restoring onto a freshly loaded model gives the same plan and
 model, tensor for tensor but for those weights, and the same outputs (``tests/test_planstore.py``, every
 calibrating method).
 
@@ -34,7 +35,7 @@ from quantbench.transforms import OnlineTransform
 
 log = logging.getLogger(__name__)
 KIND = "plans"
-FORMAT = 1
+FORMAT = 2  # 2: codes of <= 4 bits packed two per byte
 
 
 def enabled() -> bool:
@@ -138,7 +139,7 @@ def restore(qm: QuantizedModel, state: dict) -> QuantizedModel:
     if any(state["linears"].get(k.removesuffix(".weight"), {}).get("weight") is None for k in state["from_codes"]):
         raise ValueError("a weight restored from its codes has no codes")
     for n, d in state["linears"].items():
-        if d["weight"] is not None and d["weight"]["codes"].shape != sd[n + ".weight"].shape:
+        if d["weight"] is not None and list(d["weight"]["shape"]) != list(sd[n + ".weight"].shape):
             raise ValueError(f"{n}: the plan's weight has another shape than the model's")
     for n, d in state["linears"].items():
         qm.linears[n] = LinearPlan(_unqt(d["weight"]), [OnlineTransform.from_state(t) for t in d["pre"]],

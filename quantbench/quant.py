@@ -27,6 +27,7 @@ fp32, as in all four reference repos.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, replace
 
@@ -152,14 +153,26 @@ class QTensor:
     spec: QuantSpec
 
     def state(self) -> dict:
-        """Tensors and numbers only (``torch.load(weights_only=True)``): cached plans, block checkpoints."""
-        return {"codes": self.codes, "scale": self.scale, "zero": self.zero, "spec": self.spec.to_dict()}
+        """Tensors and numbers only (``torch.load(weights_only=True)``): cached plans, block checkpoints. Codes of
+        at most 4 bits are stored two per byte (``code - qmin`` in a nibble, even index low)."""
+        codes = self.codes
+        if self.spec.bits <= 4:
+            flat = (codes.reshape(-1).to(torch.int16) - self.spec.qrange[0]).to(torch.uint8)
+            flat = torch.cat([flat, flat.new_zeros(flat.numel() % 2)])
+            codes = flat[0::2] | (flat[1::2] << 4)
+        return {"codes": codes, "shape": list(self.codes.shape), "scale": self.scale, "zero": self.zero,
+                "spec": self.spec.to_dict()}
 
     @staticmethod
     def from_state(d: dict, device=None) -> QTensor:
+        spec = QuantSpec(**d["spec"])
+        codes = d["codes"]
+        if spec.bits <= 4:
+            n = math.prod(d["shape"])
+            flat = torch.stack([codes & 15, codes >> 4], -1).reshape(-1)[:n]
+            codes = (flat.to(torch.int16) + spec.qrange[0]).to(spec.code_dtype).reshape(d["shape"])
         mv = (lambda t: t.to(device)) if device is not None else (lambda t: t)  # noqa: E731
-        return QTensor(mv(d["codes"]), mv(d["scale"]), mv(d["zero"]) if d["zero"] is not None else None,
-                       QuantSpec(**d["spec"]))
+        return QTensor(mv(codes), mv(d["scale"]), mv(d["zero"]) if d["zero"] is not None else None, spec)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         q = _grouped(self.codes, self.spec).float()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from quantbench.errors import ConfigError
-from quantbench.quant import GRIDS, LearnableClip, QuantSpec, fake_quant, parse_scheme, quantize
+from quantbench.quant import GRIDS, LearnableClip, QTensor, QuantSpec, fake_quant, parse_scheme, quantize
 
 X = torch.tensor([[-1.0, -0.45, 0.2, 0.9]])  # no .5 ties: fp32 scales like 1/7 are inexact
 POS = torch.tensor([[0.2, 0.55, 1.0, 0.6]])
@@ -155,3 +155,15 @@ def test_override_specs():
         override_specs(DEFAULT_SPECS, {"w": {"bits": 3}})
     with pytest.raises(ConfigError, match="clip_ratio"):
         override_specs(DEFAULT_SPECS, {"a": {"clip_ratio": 0.0}})
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, "sym", "channel"), QuantSpec(3, "minmax", "channel"),
+                                  QuantSpec(2, "sym_pm", "group", group_size=7), QuantSpec(4, "asym", "tensor"),
+                                  QuantSpec(8, "sym", "channel"), QuantSpec(6, "minmax", "channel")])
+def test_qtensor_state_round_trip_packs_low_bit_codes(spec):
+    """Cached plans and checkpoints: codes back exactly, dtype included; <= 4 bits stored two per byte."""
+    q = quantize(torch.randn(5, 21) * 3, spec)  # 105 codes: an odd count, the last byte half used
+    d = q.state()
+    back = QTensor.from_state(d)
+    assert torch.equal(back.codes, q.codes) and back.codes.dtype == q.codes.dtype and back.spec == q.spec
+    assert torch.equal(back.scale, q.scale) and d["codes"].numel() == (53 if spec.bits <= 4 else 105)
