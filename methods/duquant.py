@@ -170,16 +170,17 @@ class DuQuant(Method):
             for i, block in runner:
                 tb = time.perf_counter()
                 saved = ckpt.blocks.get(i)
-                mean = self._block(i, block, runner, qm, o_scale.get(i), mean, use_lwc, saved)
+                mean, state = self._block(i, block, runner, qm, o_scale.get(i), mean, use_lwc, saved)
                 if saved is None:
-                    ckpt.save(i, self._saved)
+                    ckpt.save(i, state)
                     per_block.append(time.perf_counter() - tb)
                 else:
                     resumed.append(i)
         finally:
             cfg._attn_implementation = impl
         ckpt.done()
-        qm.info.update(smooth_s=round(t_smooth, 1), calib_per_block_s=round(sum(per_block) / max(len(per_block), 1), 2))
+        avg = sum(per_block) / max(len(per_block), 1)
+        qm.info.update(smooth_s=round(t_smooth, 1), calib_per_block_s=round(avg, 2))
         if resumed:
             qm.info["resumed_blocks"] = resumed
         return qm
@@ -206,7 +207,8 @@ class DuQuant(Method):
 
     def _block(self, i, block, runner, qm, o_scale, mean, use_lwc, saved: dict | None):
         """Calibrate block ``i`` (or, with ``saved`` from its checkpoint, redo it with the transforms and clips found
-        before: same plan and same outputs, no search, no training); ``self._saved`` is then its checkpoint."""
+        before: same plan and same outputs, no search, no training); returns the averaged sequence's next value and
+        the block's checkpoint state (None when it was restored)."""
         ad, scheme = qm.adapter, qm.scheme
         lin = ad.linears(block)
         views: dict[str, DuQuantLinear] = {}
@@ -251,11 +253,11 @@ class DuQuant(Method):
         qm.info.setdefault("searches", {})[i] = searches
         if saved:
             self.gen.set_state(saved["rng"])  # the searches of later blocks draw what they would have drawn
-        self._saved = None if saved else {
+        state = None if saved else {
             "transforms": {r: [t.state() for t in views[r].transform] for r in leaders}, "searches": searches,
             "clips": {r: v.clip.state_dict() for r, v in views.items()} if use_lwc else {},
             "final_loss": qm.info.get("final_loss", {}).get(i), "rng": self.gen.get_state()}
-        return mean
+        return mean, state
 
     def _train_lwc(self, i, block, runner, views) -> float | None:
         """LWC on the rotated weights (``duquant.py`` L307-356): AdamW on the clip bounds only."""

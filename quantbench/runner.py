@@ -128,32 +128,27 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
         if calib else None, "method_info": qm.info, "versions": versions(), "device": device_info(cfg.device),
         "quant_wall_s": round(quant_s, 3), "plan_source": plan_source, "offload": cfg.offload,
     }
-    with offload.dispatched(module, cfg.device) if cfg.offload else contextlib.nullcontext():
-        _evaluate(todo, module, lm, cfg, base, shared, store, out)
+    with offload.dispatched(module, cfg.device) if cfg.offload else contextlib.nullcontext():  # --offload
+        for task in todo:
+            t1 = time.perf_counter()
+            metrics = task.evaluate(module, lm.tokenizer)
+            wall = time.perf_counter() - t1
+            peak, peak_kind = peak_memory_mb(cfg.device)
+            for metric, value in metrics.items():
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"{task.name} {metric} is {value} for {cfg.method} {scheme.name}")
+                full = {**base, "task": task.config, "metric": metric}
+                rec = {
+                    **shared, "schema": SCHEMA, "config_hash": config_hash(full), "task": task.name,
+                    "task_config": task.config, "task_options": task.run_options, "metric": metric, "value": value,
+                    "protocol": task.protocol, "wall_s": round(wall, 3), "peak_mem_mb": round(peak, 1),
+                    "peak_mem_kind": peak_kind, "created": now(),
+                }
+                store.write(rec)
+                out.records.append(rec)
+                log.info("%s %s %s %s %s = %.4f (%.1fs)", cfg.model, cfg.method, scheme.name, task.protocol, metric,
+                         value, wall)
     return out
-
-
-def _evaluate(todo, module, lm, cfg, base, shared, store, out) -> None:
-    scheme = shared["scheme"]
-    for task in todo:
-        t1 = time.perf_counter()
-        metrics = task.evaluate(module, lm.tokenizer)
-        wall = time.perf_counter() - t1
-        peak, peak_kind = peak_memory_mb(cfg.device)
-        for metric, value in metrics.items():
-            if not math.isfinite(value):
-                raise FloatingPointError(f"{task.name} {metric} is {value} for {cfg.method} {scheme}")
-            full = {**base, "task": task.config, "metric": metric}
-            rec = {
-                **shared, "schema": SCHEMA, "config_hash": config_hash(full), "task": task.name,
-                "task_config": task.config, "task_options": task.run_options, "metric": metric, "value": value,
-                "protocol": task.protocol, "wall_s": round(wall, 3), "peak_mem_mb": round(peak, 1),
-                "peak_mem_kind": peak_kind, "created": now(),
-            }
-            store.write(rec)
-            out.records.append(rec)
-            log.info("%s %s %s %s %s = %.4f (%.1fs)", cfg.model, cfg.method, scheme, task.protocol, metric,
-                     value, wall)
 
 
 def _done(store: ResultStore, base: dict, task: Task) -> bool:
