@@ -27,12 +27,19 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write(path: Path, obj) -> None:
+def atomic_save(path: Path, obj, checksum: bool = False) -> str | None:
+    """``torch.save`` to a temporary file renamed into place (a reader never sees half a file); with ``checksum``,
+    the sha256 of exactly what was written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
-    digest = _digest(tmp)
+    digest = _digest(tmp) if checksum else None
     os.replace(tmp, path)
+    return digest
+
+
+def _write(path: Path, obj) -> None:
+    digest = atomic_save(path, obj, checksum=True)
     check = path.with_suffix(".sha256")
     tmp_check = check.with_name(f"{check.name}.tmp{os.getpid()}")
     tmp_check.write_text(digest)

@@ -13,7 +13,6 @@ model itself passed to block 0 (position embeddings, mask), so no decoder layer 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Callable, Iterator
 
@@ -22,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantbench.adapters import LlamaAdapter
+from quantbench.cache import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class Layerwise:
 
 def _cpu(x):
     if torch.is_tensor(x):
-        return x.detach().cpu().clone()
+        return x.detach().cpu()
     if isinstance(x, dict):
         return {k: _cpu(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -152,7 +152,8 @@ class BlockCheckpoint:
     finished block (design §6). Files: ``<cache>/checkpoints/<tag>-<key>/<block>.pt``, ``key`` naming the run's
     calibration identity (config hash, device, torch, code: ``planstore.calibration_key``); the folder is removed
     once the method finishes. Only an unbroken run of blocks from 0 is resumed: a damaged file and everything after
-    it are calibrated again. ``key`` None keeps the states in memory only."""
+    it are calibrated again. Finished blocks live on disk only (a 70B run does not hold them in memory); ``key``
+    None writes nothing."""
 
     def __init__(self, tag: str, key: str | None):
         from quantbench.models import cache_dir
@@ -176,13 +177,8 @@ class BlockCheckpoint:
             log.info("resuming from %s: blocks 0-%d already calibrated", self.dir, len(self.blocks) - 1)
 
     def save(self, i: int, state: dict) -> None:
-        self.blocks[i] = _cpu(state)
-        if self.dir is None:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / f"{i}.pt.tmp{os.getpid()}"
-        torch.save(self.blocks[i], tmp)
-        os.replace(tmp, self.dir / f"{i}.pt")
+        if self.dir is not None:
+            atomic_save(self.dir / f"{i}.pt", _cpu(state))
 
     def done(self) -> None:
         """The method finished: the checkpoint is no longer needed."""

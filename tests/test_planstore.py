@@ -63,7 +63,7 @@ def test_restored_plan_is_the_calibrated_one(name, method, scheme, options, ids)
         if p.weight is not None:
             assert torch.equal(p.weight.codes, r.weight.codes) and torch.equal(p.weight.scale, r.weight.scale)
             assert p.weight.spec == r.weight.spec
-        x = torch.randn(3, p.pre[0].n if hasattr(p.pre[0], "n") else a[n + ".weight"].shape[1]) if p.pre else None
+        x = torch.randn(3, a[n + ".weight"].shape[1])  # the linear's input
         assert [type(t) for t in p.pre] == [type(t) for t in r.pre]
         for t, u in zip(p.pre, r.pre):
             assert torch.equal(t(x), u(x))

@@ -76,4 +76,6 @@ def test_block_checkpoint_resumes_only_an_unbroken_prefix(tmp_path, monkeypatch)
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "t-k").iterdir()) == ["0.pt", "1.pt"]
     back.done()
     assert not (tmp_path / "checkpoints" / "t-k").exists() and not BlockCheckpoint("t", "k").blocks
-    assert BlockCheckpoint("t", None).dir is None
+    mem = BlockCheckpoint("t", None)
+    mem.save(0, {"x": torch.ones(1)})
+    assert mem.dir is None and not mem.blocks  # no key: nothing written, nothing held
