@@ -1,4 +1,4 @@
-"""INT4 data layouts and the exact integer math the Triton kernels are checked against (kernels.md §6.1-6.2).
+"""INT4 data layouts and the exact integer math the Triton kernels are checked against (docs/kernels.md, Layout).
 
 Codes: every kernel works on *signed* codes. Signed grids (``sym``, ``sym_pm``) are used as they are; unsigned
 grids (``asym``, ``minmax``, ``minmax_sym``: codes ``[0, 2^b - 1]``, zero point ``z``) are shifted by ``2^(b-1)``:
@@ -12,7 +12,7 @@ tile unpacks into two contiguous ``[N, 32]`` halves with one shift or one mask e
 
 W4A4: ``acc[m, n] = sum_k qx'[m, k] * qw'[n, k]`` (int32), then
 ``y = sx[m] * sw[n] * (acc - zw'[n] * rowsum_x[m] - zx'[m] * colsum_w[n] + K * zx'[m] * zw'[n]) + b[n]``
-(the rank-1 zero-point terms of kernels.md §6.3 K2, applied in the epilogue, never in the main loop).
+(the rank-1 zero-point terms of docs/kernels.md, "W4A4 GEMM and its epilogue", applied in the epilogue, never in the main loop).
 """
 from __future__ import annotations
 

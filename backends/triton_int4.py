@@ -2,13 +2,14 @@
 
 Per planned linear (weights of at most 4 bits, K a multiple of 64):
 
-* activations quantized per token (at most 8 bits): the plan's online transform is fused (:func:`fuse`) into
-  ``block_mix`` (stage 1: smoothing division, block-mixing factor, rotation ``R1``, permutation scatter) and
-  ``rotate_quant`` (stage 2: the trailing block rotation and the quantization), kernels.md §6.3 K1a/K1b:
-  DuQuant's ``[Scale] R1 -> perm -> R2``, QuaRot's online Hadamard of any size ``K * 2^m``
-  (``H_K ⊗ H_2^m = (H_K ⊗ H_2^m/b) ⊗ H_b``) and its head Hadamard (``H_heads ⊗ I``); a transform outside these
-  patterns runs in PyTorch before the kernels, exactly as in the fake-quant backend, and ``extra_repr`` shows the
-  split; then ``w4a4_gemm`` (per-channel weights) with the zero-point epilogue;
+* activations quantized per token (at most 8 bits): the plan's online transform is fused (:func:`fuse`, by the
+  transform's type) into ``block_mix`` (stage 1: smoothing division, block-mixing factor, rotation ``R1``,
+  permutation scatter) and ``rotate_quant`` (stage 2: the trailing block rotation and the quantization):
+  DuQuant's ``[Scale] R1 -> perm -> R2`` (:class:`~quantbench.transforms.DuQuantRotation`), QuaRot's online
+  Hadamard of any size ``K * 2^m`` (``H_K ⊗ H_2^m = (H_K ⊗ H_2^m/b) ⊗ H_b``) and its head Hadamard
+  (``H_heads ⊗ I``); a transform with no fused kernel runs in PyTorch before the kernels, exactly as in the
+  fake-quant backend, logged when the model is realized and shown by ``extra_repr``; then ``w4a4_gemm``
+  (per-channel weights) with the zero-point epilogue;
 * activations in floating point: ``w4a16_gemm`` (per-channel or grouped weights), split-K at decode sizes.
 
 Attention (Q/K/V quantization) runs as in the fake-quant backend: these kernels cover the linears. A plan the kernels
@@ -17,56 +18,79 @@ naming the linear, never a silent fallback. Without a GPU the kernels run in the
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
 import torch
 from torch import nn
 
-from quantbench.backends import fake_quant
 from quantbench.backends.int4 import Int4Weight, int4_weight
+from quantbench import hadamard
 from quantbench.errors import ConfigError
 from quantbench.plan import LinearPlan, QuantizedModel
 from quantbench.registry import BACKENDS
-from quantbench import hadamard
-from quantbench.transforms import BlockRotation, Hadamard, HeadHadamard, Permute, Scale
+from quantbench.simulate import apply_attention_plans, swap_modules
+from quantbench.transforms import BlockRotation, DuQuantRotation, Hadamard, HeadHadamard, Scale
 
-HAD_BLOCK = 64  # the in-block part of a fused Hadamard: H_64 as one tl.dot (kernels.md §6.3)
+log = logging.getLogger(__name__)
+HAD_BLOCK = 64  # the in-block part of a fused Hadamard: H_64 as one tl.dot (docs/kernels.md, Stage 2)
 
 
 def _pow2_block(b: int) -> bool:
     return b >= 16 and not b & (b - 1)
 
 
+def _fuse_duquant(t: DuQuantRotation):
+    """``[R1 · P ·] R2``: ``block_mix`` does R1 and the permutation scatter, ``rotate_quant`` R2; a longer chain
+    (``permutation_times > 1``) runs its leading ``R · P`` pairs in PyTorch first."""
+    if not _pow2_block(t.block) or t.perm.shape[1] % t.block:
+        return None
+    head, tail = t.split_last()
+    rot = tail.r[-1].float().contiguous()
+    mix = {"block": t.block, "perm": tail.perm[0], "rotation": tail.r[0]} if tail.perm.shape[0] else None
+    return head, mix, rot
+
+
+def _fuse_block_rotation(t: BlockRotation):
+    return ([], None, t.r.float().contiguous()) if _pow2_block(t.r.shape[0]) else None
+
+
+def _fuse_hadamard(t: Hadamard):
+    """``H_K ⊗ H_2^m = (H_K ⊗ H_2^m/b) ⊗ H_b``: the in-block ``H_b`` in ``rotate_quant``, the rest in ``block_mix``."""
+    k, p = hadamard.factor(t.n)
+    b = min(p, HAD_BLOCK)
+    if not _pow2_block(b):
+        return None
+    rot = (hadamard.sylvester(b) / b ** 0.5).float()
+    nb = t.n // b
+    left = torch.kron(hadamard.had_k(k) if k > 1 else torch.ones(1, 1, dtype=torch.float64), hadamard.sylvester(p // b))
+    return [], ({"block": b, "left": (left / nb ** 0.5).float()} if nb > 1 else None), rot
+
+
+def _fuse_head_hadamard(t: HeadHadamard):
+    if not _pow2_block(t.head_dim):
+        return None
+    return [], {"block": t.head_dim, "left": hadamard.hadamard_matrix(t.heads).float()}, None
+
+
+FUSERS = {DuQuantRotation: _fuse_duquant, BlockRotation: _fuse_block_rotation, Hadamard: _fuse_hadamard,
+          HeadHadamard: _fuse_head_hadamard}  # by type: the transforms the kernels run
+
+
 def fuse(pre: list) -> tuple[list, dict | None, torch.Tensor | None]:
-    """Split an online transform into (what runs in PyTorch first, ``block_mix`` arguments or None, the
-    ``rotate_quant`` rotation or None), matching from the end of the list; the composition is unchanged."""
+    """Split a plan's online transforms into (what runs in PyTorch first, ``block_mix`` arguments or None, the
+    ``rotate_quant`` rotation or None), dispatching on the type of the transform next to the quantizer
+    (:data:`FUSERS`); a :class:`Scale` right before it joins ``block_mix``. The composition is unchanged."""
     pre = list(pre)
-    mix, rot = None, None
-    last = pre[-1] if pre else None
-    if isinstance(last, BlockRotation) and _pow2_block(last.r.shape[0]):
-        rot = last.r.float().contiguous()
-        pre.pop()
-        b = rot.shape[0]
-        if pre and isinstance(pre[-1], Permute) and pre[-1].perm.numel() % b == 0:
-            mix = {"block": b, "perm": pre.pop().perm}
-            if pre and isinstance(pre[-1], BlockRotation) and pre[-1].r.shape[0] == b:
-                mix["rotation"] = pre.pop().r
-    elif isinstance(last, Hadamard):
-        k, p = hadamard.factor(last.n)
-        b = min(p, HAD_BLOCK)
-        if _pow2_block(b):
-            pre.pop()
-            rot = (hadamard.sylvester(b) / b ** 0.5).float()
-            nb = last.n // b
-            left = torch.kron(hadamard.had_k(k) if k > 1 else torch.ones(1, 1, dtype=torch.float64),
-                              hadamard.sylvester(p // b))
-            mix = {"block": b, "left": (left / nb ** 0.5).float()} if nb > 1 else None
-    elif isinstance(last, HeadHadamard) and _pow2_block(last.head_dim):
-        pre.pop()
-        mix = {"block": last.head_dim, "left": hadamard.hadamard_matrix(last.heads).float()}
-    if pre and isinstance(pre[-1], Scale) and (mix is not None or rot is not None):
-        s = pre.pop().s
-        if mix is None:
-            mix = {"block": rot.shape[0]}
-        mix["scale"] = s
+    fuser = FUSERS.get(type(pre[-1])) if pre else None
+    found = fuser(pre[-1]) if fuser is not None else None
+    if found is None:
+        return pre, None, None
+    head, mix, rot = found
+    pre = pre[:-1] + list(head)
+    if not head and pre and isinstance(pre[-1], Scale):
+        mix = {"block": rot.shape[0]} if mix is None else mix
+        mix["scale"] = pre.pop().s
     return pre, mix, rot
 
 
@@ -147,15 +171,14 @@ class TritonLinear(nn.Module):
 
 @BACKENDS.register("triton")
 def realize(qm: QuantizedModel) -> nn.Module:
-    """Swap every planned linear for a :class:`TritonLinear` (checked first, so a bad plan changes nothing) and
-    hook the attention plans as the fake-quant backend does."""
-    model = qm.model
-    swaps = []
-    for name, plan in qm.linears.items():
-        parent, _, attr = name.rpartition(".")
-        owner = model.get_submodule(parent)
-        swaps.append((owner, attr, TritonLinear(getattr(owner, attr), plan, name)))
-    for owner, attr, mod in swaps:
-        setattr(owner, attr, mod)
-    fake_quant.hook_attention(qm)
-    return model
+    """Swap every planned linear for a :class:`TritonLinear` (all built first, so a bad plan changes nothing) and
+    apply the attention plans as the fake-quant backend does. Online transforms with no fused kernel run in
+    PyTorch before the kernels: said here once, and in each module's ``repr``."""
+    mods = {name: TritonLinear(qm.model.get_submodule(name), plan, name) for name, plan in qm.linears.items()}
+    unfused = Counter(tuple(type(t).__name__ for t in m.pre) for m in mods.values() if len(m.pre))
+    for kinds, n in unfused.items():
+        log.warning("triton backend: %d linears run %s in PyTorch before the kernels (no fused kernel for it)",
+                    n, " -> ".join(kinds))
+    swap_modules(qm.model, mods)
+    apply_attention_plans(qm)
+    return qm.model

@@ -1,4 +1,4 @@
-"""Triton INT4 kernels (kernels.md §6.3): ``block_mix`` + ``rotate_quant`` (a plan's online transform fused with
+"""Triton INT4 kernels (docs/kernels.md): ``block_mix`` + ``rotate_quant`` (a plan's online transform fused with
 per-token quantization, two stages), ``w4a4_gemm``, ``w4a16_gemm`` (+ split-K for decode).
 
 Import through :func:`quantbench.backends.triton_int4.kernels`, which sets ``TRITON_INTERPRET=1`` on a machine
@@ -24,7 +24,7 @@ HALF = PACK // 2
 # fp32 rotation dots: exact fp32 FMAs in the interpreter; on a GPU "ieee" runs without tensor cores and spills (6 ms
 # for one 4096-wide row on H100), so 3xTF32 (fp32-level error, ~1e-6 relative) on the tensor cores
 ROT_PREC: tl.constexpr = tl.constexpr("ieee" if triton.knobs.runtime.interpret else "tf32x3")
-# tiles: on a GPU wgmma wants BM a multiple of 64 (kernels.md §4.3); the interpreter is fastest with few, big tiles
+# tiles: on a GPU wgmma wants BM a multiple of 64 (docs/kernels.md, Tiles); the interpreter is fastest with few, big tiles
 BM, BN = (64, 128) if triton.knobs.runtime.interpret else (64, 64)
 
 
@@ -130,7 +130,7 @@ def _mix_kernel(x_ptr, s_ptr, l_ptr, r_ptr, dst_ptr, y_ptr, K, NB, stride_xm,
                 P: tl.constexpr, NBP: tl.constexpr, BC: tl.constexpr, BA: tl.constexpr):
     """One row, output blocks ``BC`` at a time; the row seen as ``X [NB, P]`` (``NB`` blocks of ``P`` channels):
     ``Y = Lᵀ (X / s) R`` (``L`` mixes blocks, ``R`` rotates inside each), then column ``c`` is stored at
-    ``dst[c]`` (a permutation's inverse: the scatter of kernels.md §6.3 K1a). fp32 throughout, ``div_rn``."""
+    ``dst[c]`` (a permutation's inverse: the scatter of docs/kernels.md, Stage 1). fp32 throughout, ``div_rn``."""
     row = tl.program_id(0)
     cb = tl.program_id(1) * BC + tl.arange(0, BC)
     j = tl.arange(0, P)
@@ -351,7 +351,7 @@ def w4a16_gemm(x: torch.Tensor, w: Int4Weight, bias=None, split_k: int | None = 
     return y.to(x.dtype)
 
 
-# ---- tiles: one config in the interpreter, autotuned on a GPU (kernels.md §4.3, §6.3) ----------------------------
+# ---- tiles: one config in the interpreter, autotuned on a GPU (docs/kernels.md, Tiles) ----------------------------
 
 def _bucket(m: int) -> int:
     """Autotune key for M: the next power of two (capped), so every prefill length does not retune."""

@@ -17,8 +17,12 @@ import torch
 
 from quantbench import models
 from quantbench.errors import QuantbenchError
-from quantbench.quant import override_specs, parse_scheme
-from quantbench.registry import METHODS, load_plugins
+from quantbench.method import Method
+from quantbench.pipeline import resolve
+from quantbench.plugins import load_plugins
+from quantbench.quant import QuantScheme, override_specs, parse_scheme
+from quantbench.reports.leaderboard import render
+from quantbench.results import ResultStore
 from quantbench.runner import DTYPES, RunConfig
 from quantbench.tasks import Task, expand, make_task
 
@@ -87,6 +91,7 @@ def pytest_addoption(parser):
 class Case:
     cfg: RunConfig
     tasks: list[Task]
+    resolved: tuple[Method, QuantScheme]  # the method built and the scheme parsed once, at validation
 
     @property
     def id(self) -> str:
@@ -146,20 +151,25 @@ def build_cases(opt) -> list[Case]:
     calib = {"corpus": opt.calib, "nsamples": opt.nsamples, "seqlen": opt.calib_seqlen, "seed": opt.calib_seed}
     overrides = _quantizer_overrides(opt)
     cases = []
-    methods = [METHODS.get(name) for name in dict.fromkeys(_csv(opt.method))]
+    methods = [resolve(name) for name in dict.fromkeys(_csv(opt.method))]
     method_opts = _method_options(opt, methods)
-    for method in methods:
-        name = method.name
+    for cls in methods:
+        name = cls.name
         options = method_opts[name]
-        method(**options)  # validates option values up front
-        if not method.quantizes:
+        if not cls.quantizes:
+            m = cls(seed=opt.seed, device=device, **options)
             cases.append(Case(RunConfig(name, opt.model, "w16a16", opt.backend, opt.seed, opt.dtype, device,
-                                        offload=opt.offload), tasks))
+                                        offload=opt.offload), tasks, (m, parse_scheme("w16a16", m.specs()))))
             continue
-        specs = override_specs(method(**options).specs(), overrides)  # validates grids and clips up front
-        for s in dict.fromkeys(parse_scheme(s, specs).name for s in _schemes(opt)):
-            cases.append(Case(RunConfig(name, opt.model, s, opt.backend, opt.seed, opt.dtype, device, calib,
-                                        overrides, options, opt.offload), tasks))
+        seen = set()
+        for text in _schemes(opt):
+            m = cls(seed=opt.seed, device=device, **options)  # validates option values up front
+            scheme = parse_scheme(text, override_specs(m.specs(), overrides))  # and grids, clips, bits
+            if scheme.name in seen:
+                continue
+            seen.add(scheme.name)
+            cases.append(Case(RunConfig(name, opt.model, scheme.name, opt.backend, opt.seed, opt.dtype, device,
+                                        calib, overrides, options, opt.offload), tasks, (m, scheme)))
     if not cases:
         raise QuantbenchError("nothing to run: --method is empty")
     return cases
@@ -200,9 +210,6 @@ def pytest_generate_tests(metafunc):
 def pytest_terminal_summary(terminalreporter, config):
     if not hasattr(config, "_qb_cases"):
         return
-    from quantbench.reports.leaderboard import render
-    from quantbench.results import ResultStore
-
     records = ResultStore(config.option.results_dir).records()
     if not records:
         return

@@ -14,7 +14,7 @@ def test_accuracy(case, request, capsys):
     store = ResultStore(opt.results_dir)
     try:
         with capsys.disabled():  # progress bars and logs go to the terminal as the run goes
-            out = run(case.cfg, case.tasks, store, resume=opt.resume)
+            out = run(case.cfg, case.tasks, store, resume=opt.resume, resolved=case.resolved)
     except ConfigError as e:  # an impossible combination for this model (e.g. a group size)
         pytest.fail(str(e), pytrace=False)
     except UnavailableError as e:  # e.g. a hub calibration corpus offline: nothing was measured, say what is needed

@@ -3,8 +3,8 @@
 Per (linear, M): torch bf16 matmul, ``torch._int_mm`` (int8, + scale), FP8 ``torch._scaled_mm`` row-wise, ours
 ``w4a4`` (GEMM alone; with ``rotate_quant`` and a fused 128-block rotation; with DuQuant's whole online transform,
 ``block_mix`` R1 + permutation then ``rotate_quant`` R2; ``rotate_quant`` alone) and ``w4a16`` (g128): median time
-(``triton.testing.do_bench``, L2 flushed), TOPS, % of the H100 dense peak (989.4 bf16, 1978.9 int8/fp8; kernels.md
-§5.1) and speedup over bf16 (totals include the activation quantization where named). The table goes
+(``triton.testing.do_bench``, L2 flushed), TOPS, % of the H100 dense peak (989.4 bf16, 1978.9 int8/fp8; NVIDIA H100 SXM
+datasheet, dense) and speedup over bf16 (totals include the activation quantization where named). The table goes
 to ``reports/kernels-<device>.md`` with the device, versions and date. Without a GPU the cases skip (the
 interpreter proves correctness, not speed: tests/test_triton_kernels.py).
 """
@@ -49,7 +49,7 @@ def cases(n: int, k: int, m: int, device: str, dtype=torch.bfloat16):
         "w4a4 + DuQuant R1-perm-R2": (duquant, "int8"),
         "w4a16 g128": (lambda: K.w4a16_gemm(x, w4g), "bf16"),
     }
-    if device == "cuda" and m > 16:  # _int_mm needs M > 16 (kernels.md §4.4)
+    if device == "cuda" and m > 16:  # _int_mm needs M > 16 (ATen Blas.cpp::_int_mm_out_cuda)
         # B column-major ([N, K] row-major, transposed): cuBLASLt's int8 "TN" layout. Measured on 2026-11-22 with a
         # row-major [K, N] B instead, _int_mm ran at ~120 TOPS (a slow path) in reports/kernels-*.md.
         x8, w8 = xq.contiguous(), torch.randint(-8, 8, (n, k), dtype=torch.int8, device=device).T

@@ -1,12 +1,12 @@
 """One LLaMA-2-7B decoder layer, prefill and decode, bf16 vs the Triton INT4 backend (``--speed``, GPU).
 
 The layer (hidden 4096, 32 heads of 128, FFN 11008; random weights) written out directly: RMSNorm, fused QKV
-(12288x4096), RoPE, bf16 SDPA (FlashAttention; kept in bf16 by every variant, kernels.md §6.5), O (4096x4096),
+(12288x4096), RoPE, bf16 SDPA (FlashAttention; kept in bf16 by every variant), O (4096x4096),
 RMSNorm, fused gate+up (22016x4096), SiLU, down (4096x11008). Variants swap the four linears for
 :class:`~quantbench.backends.triton_int4.TritonLinear` built from real plans:
 
 * ``w4a4 rtn``: per-token activations, per-channel weights, no online transform;
-* ``w4a4 duquant``: every linear input through ``[R1 -> permutation -> R2]`` (block 128, kernels.md §6.2) fused
+* ``w4a4 duquant``: every linear input through ``[R1 -> permutation -> R2]`` (block 128, docs/kernels.md) fused
   into ``block_mix`` + ``rotate_quant`` (what the DuQuant plans run; R1/R2 random orthogonal, perms random);
 * ``w4a4 quarot``: the online Hadamards (``H_32 ⊗ I_128`` on the O input, ``H_172 ⊗ H_64`` on the down input);
 * ``w4a16 g128``: weight-only (the decode case).
@@ -69,7 +69,7 @@ def layers(device="cuda", dtype=torch.bfloat16) -> dict[str, Layer]:
     from quantbench.backends.triton_int4 import TritonLinear
     from quantbench.plan import LinearPlan
     from quantbench.quant import QuantSpec, quantize
-    from quantbench.transforms import BlockRotation, Hadamard, HeadHadamard, Permute
+    from quantbench.transforms import DuQuantRotation, Hadamard, HeadHadamard
 
     g = torch.Generator(device="cpu").manual_seed(0)
     shapes = {"qkv": (3 * H, H), "o": (H, H), "gate_up": (2 * FFN, H), "down": (H, FFN)}
@@ -79,10 +79,11 @@ def layers(device="cuda", dtype=torch.bfloat16) -> dict[str, Layer]:
     norms = (torch.ones(H, device=device, dtype=dtype), torch.ones(H, device=device, dtype=dtype))
 
     def orth(b):
-        return BlockRotation(torch.linalg.qr(torch.randn(b, b, generator=g, dtype=torch.float64))[0].float())
+        return torch.linalg.qr(torch.randn(b, b, generator=g, dtype=torch.float64))[0].float()
 
-    def duquant(k):
-        return [orth(128), Permute(torch.randperm(k, generator=g)), orth(128)]
+    def duquant(k):  # the same random draws as when G was three separate transforms
+        r1, perm = orth(128), torch.randperm(k, generator=g)
+        return [DuQuantRotation(torch.stack([r1, orth(128)]), perm[None])]
 
     wspec, aspec = QuantSpec(4, "minmax", "channel"), QuantSpec(4, "minmax", "token")
     pres = {"w4a4 rtn": {n: [] for n in fp},

@@ -17,8 +17,9 @@ rotation, softmax is not quantized; embeddings, final norm and lm_head stay FP. 
 activations per-token asymmetric, Q/K/V per token and head (``w4a4q4kv4`` is the papers' "W4A4").
 
 The block size is the largest power of two ≤ ``block_size`` (128) that divides every linear input (SmolLM2's 576
-gives 64) and is recorded. The online transform (division, block rotation, gather, block rotation) is part of the
-plan and acts on channels only, so any batch size and length works (the reference assumes batch 1).
+gives 64) and is recorded. The online transform (an optional division, then ``G`` as one
+:class:`~quantbench.transforms.DuQuantRotation`) is part of the plan and acts on channels only, so any batch size
+and length works (the reference assumes batch 1).
 """
 from __future__ import annotations
 
@@ -32,17 +33,17 @@ from torch import nn
 
 from quantbench import duquant as dq
 from quantbench.adapters import LINEARS
-from quantbench.backends.fake_quant import ATTN_NAME
-from quantbench.blocktrain import install, train, uninstall
+from quantbench.blocktrain import train
 from quantbench.errors import ConfigError
-from quantbench.layerwise import BlockCheckpoint, Layerwise
+from quantbench.layerwise import BlockContext, run_blocks
 from quantbench.method import Method
-from quantbench.methods.rtn import plain_plan
+from quantbench.plan import plain_plan
 from quantbench.quant import LearnableClip, QuantSpec, fake_quant, quantize
 from quantbench.registry import METHODS
+from quantbench.simulate import swapped
 from quantbench.smoothing import duquant_scales, fuse_into_linear, fuse_into_norm
 from quantbench.stats import activation_stats
-from quantbench.transforms import BlockRotation, Hadamard, OnlineTransform, Permute, Scale
+from quantbench.transforms import DuQuantRotation, Hadamard, OnlineTransform, Scale
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +82,10 @@ class DuQuantLinear(nn.Module):
                 x = t(x)
             self.search = dq.calibrate(x.detach(), m.block, m.opts["steps"], m.opts["permutation_times"],
                                        m.opts["mode"], m.gen)
-            g = []
-            for i, p in enumerate(self.search.perms):
-                g += [BlockRotation(self.search.rotations[i].float()), Permute(p)]
-            g.append(BlockRotation(self.search.rotations[-1].float()))
-            self.transform = list(self.pre) + g
+            g = DuQuantRotation(torch.stack([r.float() for r in self.search.rotations]),
+                                torch.stack(self.search.perms) if self.search.perms else
+                                torch.empty(0, x.shape[-1], dtype=torch.long))
+            self.transform = list(self.pre) + [g]
         w = self.inner.weight.detach().double()
         for t in self.transform:
             w = t.fold(w)
@@ -121,6 +121,7 @@ def block_size_for(ad, wanted: int) -> int:
 class DuQuant(Method):
     needs_calibration = True
     weight_only = False  # rotations and permutation against activation outliers: the paper's W4A4 / W6A6
+    modifies = ("norms", "linears")  # smoothing fused into norms and neighbouring linears
     calib_defaults = {"nsamples": 128, "seqlen": 2048, "seed": 2}
     options = {"mode": "repo", "block_size": 128, "steps": 256, "permutation_times": 1, "alpha": 0.6,
                "swc": 0.8, "lac": 0.9, "epochs": 0, "lwc_lr": 1e-2, "smooth": True}
@@ -139,7 +140,7 @@ class DuQuant(Method):
             s[t] = replace(s[t], clip_ratio=o["lac"])
         return s
 
-    def quantize(self, lm, scheme, calib):
+    def quantize(self, lm, scheme, calib, key=None):
         ad, o = lm.adapter, self.opts
         if o["steps"] < 0 or o["permutation_times"] < 0:
             raise ConfigError("DuQuant steps and permutation_times must be >= 0")
@@ -157,32 +158,19 @@ class DuQuant(Method):
         qk = Hadamard(ad.head_dim)
         for i in range(len(ad.blocks)):
             qm.attention[i].qk_pre = qk
-        cfg = ad.config
-        impl = cfg._attn_implementation
-        cfg._attn_implementation = ATTN_NAME
-        per_block, resumed = [], []
-        ckpt = BlockCheckpoint(self.name, self.run_key)  # a killed run resumes after its last finished block
-        try:
-            runner = Layerwise(ad, calib.windows, self.device, desc=self.name, fp_stream=use_lwc)
-            mean = torch.stack(runner.inputs).mean(0)  # rotate_inps = inps.mean(dim=0): one averaged sequence
-            if not use_lwc:
-                runner.inputs = [mean]
-            for i, block in runner:
-                tb = time.perf_counter()
-                saved = ckpt.blocks.get(i)
-                mean, state = self._block(i, block, runner, qm, o_scale.get(i), mean, use_lwc, saved)
-                if saved is None:
-                    ckpt.save(i, state)
-                    per_block.append(time.perf_counter() - tb)
-                else:
-                    resumed.append(i)
-        finally:
-            cfg._attn_implementation = impl
-        ckpt.done()
-        avg = sum(per_block) / max(len(per_block), 1)
-        qm.info.update(smooth_s=round(t_smooth, 1), calib_per_block_s=round(avg, 2))
-        if resumed:
-            qm.info["resumed_blocks"] = resumed
+        mean = []  # the averaged calibration sequence, pushed through the quantized blocks (rotate_inps)
+
+        def step(ctx: BlockContext) -> dict:
+            return self._block(ctx, qm, o_scale.get(ctx.index), mean, use_lwc, None)
+
+        def restore(ctx: BlockContext, state: dict) -> None:
+            self._block(ctx, qm, o_scale.get(ctx.index), mean, use_lwc, state)
+
+        done = run_blocks(qm, calib.windows, step, restore, key=key, tag=self.name, device=self.device,
+                          fp_stream=use_lwc)
+        qm.info.update(smooth_s=round(t_smooth, 1), calib_per_block_s=round(done.per_block_s, 2))
+        if done.resumed:
+            qm.info["resumed_blocks"] = done.resumed
         return qm
 
     @torch.no_grad()
@@ -205,11 +193,16 @@ class DuQuant(Method):
                 online[i] = s
         return online
 
-    def _block(self, i, block, runner, qm, o_scale, mean, use_lwc, saved: dict | None):
-        """Calibrate block ``i`` (or, with ``saved`` from its checkpoint, redo it with the transforms and clips found
-        before: same plan and same outputs, no search, no training); returns the averaged sequence's next value and
-        the block's checkpoint state (None when it was restored)."""
-        ad, scheme = qm.adapter, qm.scheme
+    def _block(self, ctx: BlockContext, qm, o_scale, mean: list, use_lwc: bool, saved: dict | None) -> dict | None:
+        """Calibrate block ``ctx.index`` (or, with ``saved`` from its checkpoint, redo it with the transforms and
+        clips found before: same plan and same outputs, no search, no training); ``mean`` holds the averaged
+        sequence (``inps.mean(dim=0)``, made from the block-0 inputs), replaced by its value after this block.
+        Returns the block's checkpoint state (None when it was restored)."""
+        ad, scheme, i, block = qm.adapter, qm.scheme, ctx.index, ctx.block
+        if i == 0:
+            mean[:] = [torch.stack(ctx.inputs).mean(0)]
+            if not use_lwc:
+                ctx.inputs = list(mean)  # only the averaged sequence is propagated
         lin = ad.linears(block)
         views: dict[str, DuQuantLinear] = {}
         for r in ("q", "k", "v", "o", "gate", "up", "down"):
@@ -217,26 +210,20 @@ class DuQuant(Method):
             lead = views.get(LEADER[r]) if LEADER[r] != r else None
             fixed = [OnlineTransform.from_state(t) for t in saved["transforms"][r]] if saved and lead is None else None
             views[r] = DuQuantLinear(lin[r], self, scheme.w, scheme.a, pre, lead, fixed)  # Scale.fold: W * s
-        attn = ad.attention(block)
-        attn.qb_attention_plan = qm.attention[i]
-        orig = install(block, {LINEARS[r]: v for r, v in views.items()})
-        try:
+        with swapped(block, {LINEARS[r]: v for r, v in views.items()}), ctx.quantized_attention():
             with torch.no_grad():  # calibrate G on the averaged sequence, quantization on; its output goes on
-                mean = block(mean, **runner.kwargs)
+                mean[0] = block(mean[0], **ctx.kwargs)
             if use_lwc:
                 if saved:
                     for r, v in views.items():
                         v.clip.load_state_dict(saved["clips"][r])
                     loss = saved["final_loss"]
                 else:
-                    loss = self._train_lwc(i, block, runner, views)
+                    loss = self._train_lwc(ctx, views)
                 qm.info.setdefault("final_loss", {})[i] = loss
-                runner.set_outputs(runner.forward(block))  # quantized stream through the trained block
+                ctx.outputs = ctx.forward()  # quantized stream through the trained block
             else:
-                runner.set_outputs([mean])
-        finally:
-            uninstall(block, orig)
-            del attn.qb_attention_plan
+                ctx.outputs = list(mean)
         for r, v in views.items():
             name = ad.linear_name(i, r)
             lo_hi = tuple(t.detach() for t in v.clip()) if v.clip is not None else (None, None)
@@ -253,23 +240,22 @@ class DuQuant(Method):
         qm.info.setdefault("searches", {})[i] = searches
         if saved:
             self.gen.set_state(saved["rng"])  # the searches of later blocks draw what they would have drawn
-        state = None if saved else {
-            "transforms": {r: [t.state() for t in views[r].transform] for r in leaders}, "searches": searches,
-            "clips": {r: v.clip.state_dict() for r, v in views.items()} if use_lwc else {},
-            "final_loss": qm.info.get("final_loss", {}).get(i), "rng": self.gen.get_state()}
-        return mean, state
+            return None
+        return {"transforms": {r: [t.state() for t in views[r].transform] for r in leaders}, "searches": searches,
+                "clips": {r: v.clip.state_dict() for r, v in views.items()} if use_lwc else {},
+                "final_loss": qm.info.get("final_loss", {}).get(i), "rng": self.gen.get_state()}
 
-    def _train_lwc(self, i, block, runner, views) -> float | None:
+    def _train_lwc(self, ctx: BlockContext, views) -> float | None:
         """LWC on the rotated weights (``duquant.py`` L307-356): AdamW on the clip bounds only."""
         params = [p for v in views.values() for p in v.clip.parameters()]
-        kw, targets = runner.kwargs, runner.fp_targets
+        kw, targets, block = ctx.kwargs, ctx.fp_targets, ctx.block
 
         def loss_at(j):
-            return F.mse_loss(block(runner.inputs[j], **kw), targets[j])
+            return F.mse_loss(block(ctx.inputs[j], **kw), targets[j])
 
         with torch.enable_grad():
-            info = train([{"params": params, "lr": self.opts["lwc_lr"]}], loss_at, len(runner.inputs),
-                         self.opts["epochs"], f"{self.name} block {i}")
+            info = train([{"params": params, "lr": self.opts["lwc_lr"]}], loss_at, len(ctx.inputs),
+                         self.opts["epochs"], f"{self.name} block {ctx.index}")
         return info["loss"][-1] if info["loss"] else None
 
 

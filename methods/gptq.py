@@ -14,11 +14,12 @@ from quantbench.weights import GPTQ_OPTIONS, gptq, gptq_block, gptq_config
 class GPTQ(Method):
     role = "weights"
     needs_calibration = True
+    modifies = ("linears",)  # each linear holds its dequantized codes afterwards (what the next block sees)
     options = GPTQ_OPTIONS
 
-    def quantize_weights(self, qm, spec, calib, blocks=None):
-        if blocks is None:
-            qm.info.update(gptq(qm, calib.windows, spec, gptq_config(self.opts), self.device, self.run_key))
-        else:
-            qm.info.setdefault("gptq", gptq_config(self.opts).to_dict())
-            gptq_block(qm, *blocks, spec, gptq_config(self.opts))
+    def quantize_weights(self, qm, spec, calib, key=None):
+        qm.info.update(gptq(qm, calib.windows, spec, gptq_config(self.opts), self.device, key))
+
+    def quantize_block(self, qm, spec, ctx):
+        qm.info.setdefault("gptq", gptq_config(self.opts).to_dict())
+        gptq_block(qm, ctx, spec, gptq_config(self.opts))

@@ -14,19 +14,17 @@ by the model itself (:mod:`quantbench.generate`, seed 1 as their generator), lr 
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
 from quantbench import normtweak as nt
-from quantbench.backends.fake_quant import quantized_block
 from quantbench.blocktrain import train
 from quantbench.errors import ConfigError
-from quantbench.layerwise import BlockCheckpoint, Layerwise
+from quantbench.layerwise import BlockContext, run_blocks
 from quantbench.method import Method
-from quantbench.plan import online_view
 from quantbench.quant import QTensor
 from quantbench.registry import METHODS
+from quantbench.simulate import online_view, quantized_block
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +33,7 @@ log = logging.getLogger(__name__)
 class NormTweak(Method):
     role = "plugin"
     needs_calibration = True
+    modifies = ("norms",)
     calib_defaults = {"corpus": "generated", "nsamples": 128, "seqlen": 2048, "seed": 1}
     options = {"nt_lr": -1.0, "nt_scale": -1.0, "nt_loss": "authors", "nt_epochs": 1}  # < 0: the lr table's
     choices = {"nt_loss": nt.LOSSES}
@@ -44,47 +43,45 @@ class NormTweak(Method):
             raise ConfigError("normtweak is a plug-in: put a base method before it, e.g. --method gptq+normtweak")
         super().__init__(seed, device, **opts)
 
-    def run(self, lm, qm, base: Method, calib) -> None:
+    def run(self, lm, qm, base: Method, calib, key: str | None = None) -> None:
         ad, o, scheme = qm.adapter, self.opts, qm.scheme
         lr0, scale, source = nt.lr_settings(lm.info.get("id", ""), ad.config.model_type, o["nt_lr"], o["nt_scale"])
         nblocks = len(ad.blocks)
-        losses, per_block, resumed = {}, [], []
-        ckpt = BlockCheckpoint(self.name, self.run_key)  # a killed run resumes after its last finished block
-        with online_view(qm):
-            runner = Layerwise(ad, calib.windows, self.device, desc="normtweak")
-            for i, block in runner:
-                tb = time.perf_counter()
-                names = [n for n in (ad.linear_name(i, r) for r in ad.linears(block)) if n in qm.linears]
-                if i in ckpt.blocks:  # the base's and the tweak's result for this block, then its outputs
-                    saved = ckpt.blocks[i]
-                    block.load_state_dict(saved["block"])
-                    for n in names:
-                        d = saved["codes"].get(n)
-                        qm.linears[n].weight = QTensor.from_state(d, next(block.parameters()).device) if d else None
-                    losses[i] = saved["loss"]
-                    with quantized_block(qm, i, block), torch.no_grad():
-                        runner.set_outputs([_out(block(x, **runner.kwargs)) for x in runner.inputs])
-                    resumed.append(i)
-                    continue
-                with torch.no_grad():  # FP target: the FP block on the current input (before quantizing)
-                    targets = [_out(block(x, **runner.kwargs)) for x in runner.inputs]
-                if scheme.w:
-                    base.quantize_weights(qm, scheme.w, calib, blocks=(i, block, runner))
-                losses[i] = self._tweak(qm, i, block, runner, targets, nt.lr_for(i, nblocks, lr0, scale))
-                ckpt.save(i, {"block": block.state_dict(), "loss": losses[i], "codes": {
-                    n: qm.linears[n].weight.state() for n in names if qm.linears[n].weight is not None}})
-                per_block.append(time.perf_counter() - tb)
-        ckpt.done()
-        avg = sum(per_block) / max(len(per_block), 1)
-        log.info("normtweak: %d blocks tweaked, lr0 %g scale %g (%s), loss %s, %.2fs/block", nblocks, lr0, scale,
-                 source, o["nt_loss"], avg)
-        qm.info.update(normtweak={"lr0": lr0, "scale": scale, "lr_source": source, "loss": o["nt_loss"],
-                                  "epochs": o["nt_epochs"], "mean_loss": losses, "per_block_s": round(avg, 2)})
-        if resumed:
-            qm.info["normtweak"]["resumed_blocks"] = resumed
+        losses = {}
 
-    def _tweak(self, qm, i, block, runner, targets, lr) -> float | None:
-        ad, kind, kw = qm.adapter, self.opts["nt_loss"], runner.kwargs
+        def names(ctx):
+            return [n for n in (ad.linear_name(ctx.index, r) for r in ad.linears(ctx.block)) if n in qm.linears]
+
+        def step(ctx: BlockContext) -> dict:
+            with torch.no_grad():  # FP target: the FP block on the current input (before quantizing)
+                targets = [_out(y) for y in ctx.forward()]
+            if scheme.w:
+                base.quantize_block(qm, scheme.w, ctx)
+            losses[ctx.index] = self._tweak(qm, ctx, targets, nt.lr_for(ctx.index, nblocks, lr0, scale))
+            return {"block": ctx.block.state_dict(), "loss": losses[ctx.index], "codes": {
+                n: qm.linears[n].weight.state() for n in names(ctx) if qm.linears[n].weight is not None}}
+
+        def restore(ctx: BlockContext, saved: dict) -> None:  # the base's and the tweak's result, then the outputs
+            ctx.block.load_state_dict(saved["block"])
+            for n in names(ctx):
+                d = saved["codes"].get(n)
+                qm.linears[n].weight = QTensor.from_state(d, next(ctx.block.parameters()).device) if d else None
+            losses[ctx.index] = saved["loss"]
+            with quantized_block(qm, ctx.index, ctx.block), torch.no_grad():
+                ctx.outputs = [_out(y) for y in ctx.forward()]
+
+        with online_view(qm):
+            done = run_blocks(qm, calib.windows, step, restore, key=key, tag=self.name, device=self.device)
+        log.info("normtweak: %d blocks tweaked, lr0 %g scale %g (%s), loss %s", nblocks, lr0, scale, source,
+                 o["nt_loss"])
+        qm.info.update(normtweak={"lr0": lr0, "scale": scale, "lr_source": source, "loss": o["nt_loss"],
+                                  "epochs": o["nt_epochs"], "mean_loss": losses,
+                                  "per_block_s": round(done.per_block_s, 2)})
+        if done.resumed:
+            qm.info["normtweak"]["resumed_blocks"] = done.resumed
+
+    def _tweak(self, qm, ctx: BlockContext, targets, lr) -> float | None:
+        ad, kind, kw, i, block = qm.adapter, self.opts["nt_loss"], ctx.kwargs, ctx.index, ctx.block
         params = nt.norm_parameters(ad.norms(block))
         frozen = [p for p in block.parameters() if p.requires_grad and all(p is not q for q in params)]
         for p in frozen:
@@ -100,16 +97,16 @@ class NormTweak(Method):
                     block.float()
 
                 def loss_at(j):
-                    x = runner.inputs[j].float() if wide else runner.inputs[j]
+                    x = ctx.inputs[j].float() if wide else ctx.inputs[j]
                     return nt.channel_loss(_out(block(x, **kw32)), targets[j], kind)
 
                 with torch.enable_grad():
-                    info = train([{"params": params, "lr": lr}], loss_at, len(runner.inputs), self.opts["nt_epochs"],
+                    info = train([{"params": params, "lr": lr}], loss_at, len(ctx.inputs), self.opts["nt_epochs"],
                                  f"normtweak block {i}", optimizer=torch.optim.Adam)
                 if wide:
                     block.to(dtype)
                 with torch.no_grad():
-                    runner.set_outputs([_out(block(x, **kw)) for x in runner.inputs])
+                    ctx.outputs = [_out(y) for y in ctx.forward()]
         finally:
             for p in frozen:
                 p.requires_grad_(True)

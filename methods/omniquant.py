@@ -22,20 +22,19 @@ alpha 0.5, 20 epochs (the W4A4/W6A6 scripts; the code default is 10), 128 x 2048
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 from torch import nn
 
 from quantbench.adapters import LINEARS
-from quantbench.backends.fake_quant import ATTN_NAME
-from quantbench.blocktrain import QLinearView, install, train, truncate, uninstall
+from quantbench.blocktrain import QLinearView, train, truncate
 from quantbench.errors import ConfigError
-from quantbench.layerwise import BlockCheckpoint, Layerwise
+from quantbench.layerwise import BlockContext, run_blocks
 from quantbench.method import Method
-from quantbench.methods.rtn import plain_plan
+from quantbench.plan import plain_plan
 from quantbench.quant import LearnableClip, QuantSpec, quantize
 from quantbench.registry import METHODS
+from quantbench.simulate import swapped
 from quantbench.smoothing import expand_kv, fuse_into_linear, fuse_into_norm, fuse_qk, omniquant_scales
 from quantbench.stats import activation_stats
 
@@ -52,6 +51,7 @@ def _clip_for(lin: nn.Linear, spec: QuantSpec | None) -> LearnableClip | None:
 @METHODS.register("omniquant")
 class OmniQuant(Method):
     needs_calibration = True
+    modifies = ("norms", "linears")  # LET fused into norms and weights
     calib_defaults = {"nsamples": 128, "seqlen": 2048, "seed": 2}
     options = {"epochs": 20, "lwc_lr": 1e-2, "let_lr": 5e-3, "alpha": 0.5, "let": "auto", "lwc": True,
                "aug_loss": False}
@@ -59,7 +59,7 @@ class OmniQuant(Method):
     defaults = {"w": QuantSpec(4, "minmax", "channel"), "a": QuantSpec(4, "minmax", "token"),
                 **{t: QuantSpec(4, "minmax", "head") for t in "qkv"}}
 
-    def quantize(self, lm, scheme, calib):
+    def quantize(self, lm, scheme, calib, key=None):
         ad, o = lm.adapter, self.opts
         use_let = o["let"] == "on" or (o["let"] == "auto" and scheme.a is not None)
         gqa = ad.num_kv_heads != ad.num_heads
@@ -70,28 +70,27 @@ class OmniQuant(Method):
         qm = plain_plan(lm, scheme, weights="omniquant (LWC)" if o["lwc"] else "round-to-nearest",
                         let=sorted(["qkv", "fc1", "qkt"] + ([] if gqa else ["out"])) if use_let else [],
                         let_skipped=["out (GQA)"] if use_let and gqa else [], no_let=["down_proj"])
-        ckpt = BlockCheckpoint("omniquant", self.run_key)
-        cfg = ad.config
-        impl = cfg._attn_implementation
-        cfg._attn_implementation = ATTN_NAME
-        per_block, losses = [], {}
-        try:
-            runner = Layerwise(ad, calib.windows, self.device, desc="omniquant", fp_stream=True)
-            for i, block in runner:
-                t0 = time.perf_counter()
-                losses[i] = self._block(i, block, runner, qm, stats, use_let, gqa, ckpt)
-                per_block.append(time.perf_counter() - t0)
-        finally:
-            cfg._attn_implementation = impl
-        ckpt.done()
-        qm.info.update(train_per_block_s=round(sum(per_block) / len(per_block), 2),
+        losses = {}
+
+        def step(ctx: BlockContext) -> dict:
+            losses[ctx.index], state = self._block(ctx, qm, stats, use_let, gqa, None)
+            return state
+
+        def restore(ctx: BlockContext, state: dict) -> None:
+            losses[ctx.index], _ = self._block(ctx, qm, stats, use_let, gqa, state)
+
+        done = run_blocks(qm, calib.windows, step, restore, key=key, tag="omniquant", device=self.device,
+                          fp_stream=True)
+        qm.info.update(train_per_block_s=round(done.per_block_s, 2),
                        final_loss={i: (v["loss"][-1] if v["loss"] else None) for i, v in losses.items()},
                        nan_restored=[i for i, v in losses.items() if v.get("nan_restored")],
-                       resumed_blocks=[i for i, v in losses.items() if v.get("resumed")])
+                       resumed_blocks=done.resumed)
         return qm
 
-    def _block(self, i, block, runner, qm, stats, use_let, gqa, ckpt) -> dict:
-        ad, o, scheme = qm.adapter, self.opts, qm.scheme
+    def _block(self, ctx: BlockContext, qm, stats, use_let, gqa, saved: dict | None) -> tuple[dict, dict | None]:
+        """Train block ``ctx.index``'s LET/LWC parameters (or load them from ``saved``, its checkpoint), fold and
+        quantize; returns (training info, checkpoint state or None when restored)."""
+        ad, o, scheme, i, block = qm.adapter, self.opts, qm.scheme, ctx.index, ctx.block
         lin = ad.linears(block)
         dtype = lin["q"].weight.dtype
         block.float()
@@ -113,10 +112,7 @@ class OmniQuant(Method):
         views = {r: QLinearView(lin[r], scheme.w, scheme.a, clips[r] if r in clips else None, *spec[r]) for r in lin}
         for v in views.values():  # only LET/LWC parameters train
             v.inner.requires_grad_(False)
-        aug = runner.forward(block) if o["aug_loss"] else None  # --aug_loss: FP block on the quantized stream
-        attn = ad.attention(block)
-        attn.qb_attention_plan = qm.attention[i]
-        orig = install(block, {LINEARS[r]: v for r, v in views.items()})
+        aug = ctx.forward() if o["aug_loss"] else None  # --aug_loss: FP block on the quantized stream
 
         def clamp_scales():
             with torch.no_grad():
@@ -124,17 +120,15 @@ class OmniQuant(Method):
                     if k in p:
                         p[k].copy_(truncate(p[k]))
 
-        kw = runner.kwargs
-        targets = runner.fp_targets
-        try:
-            if i in ckpt.blocks:
-                state = ckpt.blocks[i]
-                p.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("let.")})
-                clips.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("lwc.")})
+        kw, targets, state = ctx.kwargs, ctx.fp_targets, None
+        with swapped(block, {LINEARS[r]: v for r, v in views.items()}), ctx.quantized_attention():
+            if saved is not None:
+                p.load_state_dict({k[4:]: v for k, v in saved.items() if k.startswith("let.")})
+                clips.load_state_dict({k[4:]: v for k, v in saved.items() if k.startswith("lwc.")})
                 info = {"resumed": True, "loss": []}
             else:
                 def loss_at(j):
-                    out = block(runner.inputs[j].float(), **kw)
+                    out = block(ctx.inputs[j].float(), **kw)
                     loss = nn.functional.mse_loss(out, targets[j].float())
                     if aug is not None:
                         loss = loss + nn.functional.mse_loss(out, aug[j].float())
@@ -143,18 +137,14 @@ class OmniQuant(Method):
                 groups = [{"params": list(p.values()), "lr": o["let_lr"]},
                           {"params": list(clips.parameters()), "lr": o["lwc_lr"]}]
                 with torch.enable_grad():
-                    info = train([g for g in groups if g["params"]], loss_at, len(runner.inputs), o["epochs"],
+                    info = train([g for g in groups if g["params"]], loss_at, len(ctx.inputs), o["epochs"],
                                  f"omniquant block {i}", before_step=clamp_scales)
-                state = {**{f"let.{k}": v for k, v in p.items()}, **{f"lwc.{k}": v for k, v in
-                                                                     clips.state_dict().items()}}
-                ckpt.save(i, state)
+                state = {**{f"let.{k}": v.detach().clone() for k, v in p.items()},  # before the final clamp
+                         **{f"lwc.{k}": v.clone() for k, v in clips.state_dict().items()}}
             clamp_scales()
             with torch.no_grad():
-                runner.set_outputs([y.to(dtype) for y in runner.forward(block, [x.float() for x in runner.inputs])])
+                ctx.outputs = [y.to(dtype) for y in ctx.forward([x.float() for x in ctx.inputs])]
                 final_clips = {r: tuple(t.detach() for t in c()) for r, c in clips.items()}
-        finally:
-            uninstall(block, orig)
-            del attn.qb_attention_plan
         self._fuse(ad, block, p)
         block.to(dtype)
         for r, m in lin.items():
@@ -164,7 +154,7 @@ class OmniQuant(Method):
                     qm.linears[name].weight = quantize(m.weight.detach(), scheme.w, *final_clips.get(r, (None, None)))
                 except ConfigError as e:
                     raise ConfigError(f"{name}: {e}") from None
-        return info
+        return info, state
 
     @staticmethod
     @torch.no_grad()

@@ -31,6 +31,7 @@ class QuaRot(Method):
     options = QUAROT_OPTIONS
     choices = {"rotate_mode": ROTATE_MODES, "clips": ("code", "paper")}
     weights_label = "rtn"
+    modifies = ("embed", "norms", "linears", "final_norm", "lm_head")  # norms fused, Q fused everywhere, head untied
 
     def specs(self):
         s = dict(self.defaults)
@@ -53,8 +54,11 @@ class QuaRot(Method):
             qm.attention[i] = AttentionPlan(q=scheme.q, k=scheme.k, v=scheme.v, qk_pre=qk)
         return qm
 
-    def quantize_weights(self, qm, spec, calib, blocks=None):
-        round_to_nearest(qm, spec, clip_search=self.opts["w_clip"], blocks=blocks)
+    def quantize_weights(self, qm, spec, calib, key=None):
+        round_to_nearest(qm, spec, clip_search=self.opts["w_clip"])
+
+    def quantize_block(self, qm, spec, ctx):
+        round_to_nearest(qm, spec, clip_search=self.opts["w_clip"], block=ctx.index)
 
 
 @METHODS.register("quarot-gptq")

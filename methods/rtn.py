@@ -6,7 +6,6 @@ channel, ``[-8, 7]`` at 4 bits), its input quantized per token at run time, Q/K/
 Embeddings, norms and lm_head stay in floating point, as in all reference repos.
 """
 from quantbench.method import Method
-from quantbench.plan import plain_plan  # noqa: F401 - re-exported for the methods that build on it
 from quantbench.registry import METHODS
 from quantbench.weights import round_to_nearest
 
@@ -16,5 +15,8 @@ class RTN(Method):
     role = "weights"
     weights_label = "round-to-nearest"
 
-    def quantize_weights(self, qm, spec, calib, blocks=None):
-        round_to_nearest(qm, spec, blocks=blocks)
+    def quantize_weights(self, qm, spec, calib, key=None):
+        round_to_nearest(qm, spec)
+
+    def quantize_block(self, qm, spec, ctx):
+        round_to_nearest(qm, spec, block=ctx.index)

@@ -12,7 +12,7 @@ in OmniQuant's harness (asymmetric min/max grids: ``--wgrid minmax --agrid minma
 SmoothQuant's own quantizer. Its ``quantize_bmm_input`` (Q/K/V at 8 bits) is ``q8kv8`` in the scheme.
 """
 from quantbench.method import Method
-from quantbench.methods.rtn import plain_plan
+from quantbench.plan import plain_plan
 from quantbench.quant import QuantSpec
 from quantbench.registry import METHODS
 from quantbench.smoothing import fuse_into_norm, smoothquant_scales
@@ -40,6 +40,7 @@ class SmoothQuant(Method):
     role = "transform"
     needs_calibration = True
     weight_only = False  # smoothing migrates activation outliers into weights: it is for quantized activations
+    modifies = ("norms", "linears")
     calib_defaults = {"nsamples": 512, "seqlen": 512, "seed": 42}  # calibration.py: 512 samples x 512 tokens
     options = {"alpha": -1.0}  # < 0: the per-model reference value
     defaults = {t: QuantSpec(8, "sym_pm", "channel" if t == "w" else "token") for t in "waqkv"}
@@ -60,5 +61,8 @@ class SmoothQuant(Method):
                         not_smoothed=["o_proj", "down_proj"])
         return qm
 
-    def quantize_weights(self, qm, spec, calib, blocks=None):
-        round_to_nearest(qm, spec, blocks=blocks)
+    def quantize_weights(self, qm, spec, calib, key=None):
+        round_to_nearest(qm, spec)
+
+    def quantize_block(self, qm, spec, ctx):
+        round_to_nearest(qm, spec, block=ctx.index)

@@ -1,4 +1,4 @@
-"""Architecture adapters: the one place that knows where a decoder keeps its parts (design §5).
+"""Architecture adapters: the one place that knows where a decoder keeps its parts (docs/architecture.md).
 
 Methods ask the adapter for blocks, norms, linears and head geometry; they never walk
 ``model.model.layers[i].self_attn`` themselves. Llama, Mistral and Qwen2 share one module layout in
@@ -95,9 +95,13 @@ class LlamaAdapter:
         """role -> linear of one block, in the order q, k, v, o, gate, up, down."""
         return {role: block.get_submodule(path) for role, path in LINEARS.items()}
 
+    def block_prefix(self, layer: int) -> str:
+        """Qualified name of block ``layer`` with a trailing dot, e.g. ``model.layers.3.``."""
+        return f"model.layers.{layer}."
+
     def linear_name(self, layer: int, role: str) -> str:
         """Fully qualified module name, e.g. ``model.layers.3.mlp.down_proj``."""
-        return f"model.layers.{layer}.{LINEARS[role]}"
+        return self.block_prefix(layer) + LINEARS[role]
 
     def named_linears(self):
         """Yield (qualified name, layer index, role, module) for every decoder linear (lm_head excluded)."""
@@ -106,6 +110,32 @@ class LlamaAdapter:
                 yield self.linear_name(i, role), i, role, lin
 
 
+    def parts(self, kinds) -> list[nn.Module]:
+        """The modules of the named kinds of :data:`PARTS`, in model order."""
+        unknown = set(kinds) - set(PARTS)
+        if unknown:
+            raise ValueError(f"unknown model parts {sorted(unknown)}; parts: {', '.join(PARTS)}")
+        out = [self.embed] if "embed" in kinds else []
+        for block in self.blocks:
+            out += list(self.norms(block)) if "norms" in kinds else []
+            out += list(self.linears(block).values()) if "linears" in kinds else []
+        out += [self.final_norm] if "final_norm" in kinds else []
+        out += [self.lm_head] if "lm_head" in kinds else []
+        return out
+
+    def tensor_names(self, kinds) -> list[str]:
+        """State-dict names of every parameter and buffer of :meth:`parts` ``(kinds)``: what a method that
+        declares it changes those parts leaves different from the loaded model (``Method.modifies``)."""
+        names = {id(m): n for n, m in self.model.named_modules(remove_duplicate=False)}
+        out = []
+        for m in self.parts(kinds):
+            prefix = names[id(m)]
+            out += [f"{prefix}.{k}" for k, _ in m.named_parameters(recurse=False)]
+            out += [f"{prefix}.{k}" for k, _ in m.named_buffers(recurse=False)]
+        return list(dict.fromkeys(out))
+
+
+PARTS = ("embed", "norms", "linears", "final_norm", "lm_head")  # what a method may declare it changes
 ADAPTERS = {t: LlamaAdapter for t in LlamaAdapter.MODEL_TYPES}
 
 

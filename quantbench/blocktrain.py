@@ -1,18 +1,15 @@
 """Block-wise quantization-aware calibration (OmniQuant §3.1; reused by DuQuant+LWC and norm-tweaking).
 
-A decoder block is trained in place: its linears are temporarily swapped for :class:`QLinearView` modules that
-compute ``Q_a(x / s_in) · Q_w^{LWC}(W diag(s_col) ⊙ r_row)ᵀ + b ⊙ r_row`` with learnable smoothing factors (LET)
-and clipping (LWC), straight-through rounding, and the block's attention quantized through its
-:class:`~quantbench.plan.AttentionPlan`. :func:`train` runs the optimiser loop with a NaN guard, and
-:class:`quantbench.layerwise.BlockCheckpoint` keeps each finished block's learned parameters on disk so a killed run
-resumes there.
+A decoder block is trained in place: its linears are temporarily swapped (``simulate.swapped``) for
+:class:`QLinearView` modules that compute ``Q_a(x / s_in) · Q_w^{LWC}(W diag(s_col) ⊙ r_row)ᵀ + b ⊙ r_row`` with
+learnable smoothing factors (LET) and clipping (LWC), straight-through rounding, and the block's attention quantized
+through its :class:`~quantbench.plan.AttentionPlan`. :func:`train` runs the optimiser loop with a NaN guard; the
+layer-wise runner checkpoints what each block learned, so a killed run resumes there.
 """
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -66,23 +63,6 @@ class QLinearView(nn.Module):
             x = x / self.in_div().to(x.dtype)
         _, b = self.effective()
         return F.linear(fake_quant(x, self.a_spec), self.qweight(), b)
-
-
-def install(block: nn.Module, paths: dict[str, QLinearView]) -> dict[str, nn.Module]:
-    """Swap ``block``'s linears (by attribute path) for views; returns the originals for :func:`uninstall`."""
-    orig = {}
-    for path, view in paths.items():
-        parent, _, attr = path.rpartition(".")
-        owner = block.get_submodule(parent)
-        orig[path] = getattr(owner, attr)
-        setattr(owner, attr, view)
-    return orig
-
-
-def uninstall(block: nn.Module, orig: dict[str, nn.Module]) -> None:
-    for path, lin in orig.items():
-        parent, _, attr = path.rpartition(".")
-        setattr(block.get_submodule(parent), attr, lin)
 
 
 def train(param_groups: list[dict], loss_at: Callable[[int], torch.Tensor], nsamples: int, epochs: int,

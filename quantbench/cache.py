@@ -13,9 +13,15 @@ from pathlib import Path
 
 import torch
 
-from quantbench import models
 
 log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Root of quantbench's on-disk caches (``$QUANTBENCH_CACHE``, default ``~/.cache/quantbench``)."""
+    d = Path(os.environ.get("QUANTBENCH_CACHE", Path.home() / ".cache" / "quantbench"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def key_of(ident: dict) -> str:
@@ -53,7 +59,7 @@ def enabled() -> bool:
 
 def entries(kind: str | None = None) -> list[Path]:
     """The cache's entries (``.pt`` files), of one kind or all; the converted model folders are not entries."""
-    root = models.cache_dir()
+    root = cache_dir()
     return sorted(p for p in (root / kind if kind else root).glob("**/*.pt") if p.is_file())
 
 
@@ -66,7 +72,7 @@ def clean(kind: str | None = None) -> tuple[int, int]:
                 size += f.stat().st_size
                 f.unlink()
                 n += 1
-    root = models.cache_dir() / kind if kind else models.cache_dir()
+    root = cache_dir() / kind if kind else cache_dir()
     for d in sorted((d for d in root.glob("**/") if d != root), key=lambda d: -len(d.parts)):
         if not any(d.iterdir()):  # e.g. a checkpoint folder emptied above
             d.rmdir()
@@ -75,7 +81,7 @@ def clean(kind: str | None = None) -> tuple[int, int]:
 
 def load(kind: str, key: str, what: str):
     """The entry ``kind/key`` if present, intact and the cache is on, else None (a damaged entry is logged)."""
-    path = models.cache_dir() / kind / f"{key}.pt"
+    path = cache_dir() / kind / f"{key}.pt"
     if not (enabled() and path.exists()):
         return None
     try:
@@ -92,7 +98,7 @@ def load(kind: str, key: str, what: str):
 def save(kind: str, key: str, obj) -> None:
     """Store ``obj`` as ``kind/key`` (atomically, with its checksum), unless the cache is switched off."""
     if enabled():
-        _write(models.cache_dir() / kind / f"{key}.pt", obj)
+        _write(cache_dir() / kind / f"{key}.pt", obj)
 
 
 def load_or_build(kind: str, key: str, build: Callable[[], object], what: str, use_cache: bool = True):

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cache(args: list[str]) -> int:
-    from quantbench import cache, models
+    from quantbench import cache
 
     verb = args[0] if args else "list"
     kind = args[1] if len(args) > 1 else None
@@ -49,10 +49,10 @@ def _cache(args: list[str]) -> int:
         return 2
     if verb == "clean":
         n, size = cache.clean(kind)
-        print(f"removed {n} files ({size / 2**20:.1f} MiB) from {models.cache_dir()}{'/' + kind if kind else ''}")
+        print(f"removed {n} files ({size / 2**20:.1f} MiB) from {cache.cache_dir()}{'/' + kind if kind else ''}")
         return 0
     for p in cache.entries(kind):
-        print(f"{p.stat().st_size / 2**20:9.1f} MiB  {p.relative_to(models.cache_dir())}")
+        print(f"{p.stat().st_size / 2**20:9.1f} MiB  {p.relative_to(cache.cache_dir())}")
     return 0
 
 

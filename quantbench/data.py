@@ -1,29 +1,31 @@
-"""Corpora, GPTQ-protocol perplexity windows and seeded calibration windows (methods.md §5.1-5.2).
+"""Corpora, GPTQ-protocol perplexity windows and seeded calibration windows.
 
-Hub corpora (``wikitext2``, ``c4``) follow the reference repos exactly; the shipped offline corpus ``austen``
-(six public-domain novels: train = Emma, Mansfield Park, Northanger Abbey, Sense and Sensibility;
-validation = Persuasion; test = Pride and Prejudice) is named honestly and never passed off as WikiText2.
+Hub corpora (``wikitext2``, ``c4``) follow the reference repos exactly (GPTQ ``datautils.py``, as DuQuant,
+OmniQuant and QuaRot vendor it); the shipped offline corpus ``austen`` (:mod:`quantbench.corpus`) is named
+honestly and never passed off as WikiText2.
 """
 from __future__ import annotations
 
-import gzip
+import contextlib
 import hashlib
-import json
 import logging
 import random
-from functools import lru_cache
-from importlib import resources
 
 import torch
 
+from quantbench import generate, hub
+from quantbench.cache import key_of, load_or_build
+from quantbench.corpus import SHIPPED
+from quantbench.corpus import manifest as corpus_manifest
+from quantbench.corpus import text as corpus_text
 from quantbench.errors import ConfigError, UnavailableError
+from quantbench.models import tokenizer_hash
 
 log = logging.getLogger(__name__)
 
-SHIPPED = ("austen",)
 HUB = ("wikitext2", "c4")
 CORPORA = SHIPPED + HUB
-# C4 validation subsets differ between repos (methods.md §5.2, pitfall 11): name the one used.
+# C4 validation subsets differ between the reference repos (a classic source of mismatched numbers): name the one used.
 C4_VARIANTS = {
     "duquant-seed20": 20,  # Hsu1023/DuQuant datautils.py::get_c4: 256 random docs >= seqlen tokens, random.seed(20)
     "omniquant-seed0": 0,  # OpenGVLab/OmniQuant datautils.py::get_c4 (the GPTQ original), random.seed(0)
@@ -32,41 +34,15 @@ C4_VARIANTS = {
 C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz", "validation": "en/c4-validation.00000-of-00008.json.gz"}
 
 
-@lru_cache(maxsize=1)
-def corpus_manifest() -> dict:
-    return json.loads(resources.files("quantbench").joinpath("corpora/manifest.json").read_text())
-
-
-@lru_cache(maxsize=8)
-def corpus_text(name: str, split: str) -> str:
-    """Text of a shipped corpus split; every file is checked against its recorded sha256."""
-    if name not in SHIPPED:
-        raise ConfigError(f"{name!r} is not a shipped corpus; shipped: {', '.join(SHIPPED)}")
-    entry = corpus_manifest()[name]
-    if split not in entry["splits"]:
-        raise ConfigError(f"corpus {name!r} has no split {split!r}; splits: {', '.join(entry['splits'])}")
-    parts = []
-    for fname in entry["splits"][split]:
-        raw = resources.files("quantbench").joinpath(f"corpora/{fname}").read_bytes()
-        if hashlib.sha256(raw).hexdigest() != entry["sha256"][fname]:
-            raise UnavailableError(f"shipped corpus file {fname} is corrupted (sha256 mismatch); reinstall quantbench")
-        parts.append(gzip.decompress(raw).decode("utf-8"))
-    return "\n\n".join(parts)
-
-
 def _hub_dataset(path: str, **kwargs):
     """``datasets.load_dataset`` that never waits on retries: when a fast probe finds no hub, it runs in offline
     mode (a cached copy still loads) and an uncached dataset fails at once with what to do."""
-    import contextlib
-
-    import datasets
-
-    from quantbench.models import hub_reachable, offline_mode
+    import datasets  # start-up time: datasets takes ~1 s to import, and only hub corpora need it
 
     what = f"{path} {kwargs.get('name') or kwargs.get('data_files') or ''}".strip()
-    online = hub_reachable()
+    online = hub.reachable()
     try:
-        with contextlib.nullcontext() if online else offline_mode():
+        with contextlib.nullcontext() if online else hub.offline_mode():
             return datasets.load_dataset(path, **kwargs)
     except Exception as e:  # datasets raises ConnectionError / FileNotFoundError / DatasetNotFoundError offline
         if not online:
@@ -97,8 +73,6 @@ _IDS: dict[tuple[str, str, str], torch.Tensor] = {}
 
 def joined_ids(tokenizer, corpus: str, split: str) -> torch.Tensor:
     """The whole split joined with "\\n\\n" (GPTQ protocol), tokenized once per process and tokenizer content."""
-    from quantbench.models import tokenizer_hash
-
     key = (tokenizer_hash(tokenizer), corpus, split)
     if key not in _IDS:
         text = corpus_text(corpus, split) if corpus in SHIPPED else "\n\n".join(_texts(corpus, split))
@@ -187,9 +161,7 @@ class Calibration:
             log.info("building %d x %d calibration windows from %s (seed %d)", self.nsamples, self.seqlen,
                      self.corpus, self.seed)
             if self.corpus == GENERATED:
-                from quantbench.generate import generated_windows
-
-                self._windows = generated_windows(self.lm, self.nsamples, self.seqlen, self.seed)
+                self._windows = generate.generated_windows(self.lm, self.nsamples, self.seqlen, self.seed)
             else:
                 self._windows = self._cached_windows()
         return self._windows
@@ -197,9 +169,6 @@ class Calibration:
     def _cached_windows(self) -> torch.Tensor:
         """:func:`calibration_windows` through the content-keyed cache: key = tokenizer content + corpus content
         (the shipped files' sha256, or the hub dataset and file named) + count, length and seed."""
-        from quantbench.cache import key_of, load_or_build
-        from quantbench.models import tokenizer_hash
-
         source = corpus_manifest()[self.corpus] if self.corpus in SHIPPED else \
             {"wikitext2": "wikitext/wikitext-2-raw-v1/train", "c4": "allenai/c4/" + C4_FILES["train"]}[self.corpus]
         ident = {"tokenizer": tokenizer_hash(self.tokenizer), "source": source, **self.config()}
@@ -209,8 +178,7 @@ class Calibration:
     def config(self) -> dict:
         """What identifies this calibration set (goes into config hashes and results)."""
         if self.corpus == GENERATED:
-            from quantbench import generate as g
-
+            g = generate
             split = f"self-generated (first token {g.FILTERS[0]}: {','.join(g.LANGUAGES)}; greedy to {g.GREEDY_TO}; " \
                     f"top-k {g.TOP_K})"
         else:

@@ -1,27 +1,36 @@
-"""The layer-wise runner (design §6): capture block-0 inputs once, then visit the blocks one at a time.
+"""The layer-wise runner: the one block lifecycle every block-wise method runs through (:func:`run_blocks`).
 
 GPTQ (``gptq_utils.py::gptq_fwrd``), OmniQuant, DuQuant and norm-tweaking all follow this pattern: run the
 calibration windows through the embeddings, stop at the first decoder block, and for each block
 
-1. let the method work on the block (collect statistics through hooks, optimise, quantize), then
+1. let the method work on the block (collect statistics through hooks, optimise, quantize): its ``step``, or,
+   when a killed run left this block's checkpoint, its ``restore`` from that state;
 2. push the inputs through the (now quantized) block to get the next block's inputs.
 
-Only the block being visited needs to sit on the compute device; the others stay where they are (the model can
-live on the CPU while a 70B block is on the GPU). Decoder blocks are called with the keyword arguments the
-model itself passed to block 0 (position embeddings, mask), so no decoder layer is re-implemented.
+The runner owns everything around the step: capturing block-0 inputs, moving one block at a time to the compute
+device (the model can live on the CPU while a 70B block is on the GPU), the FP stream some methods train against,
+the per-block checkpoints of :class:`BlockCheckpoint` (a killed run resumes after its last finished block), timing,
+progress and the block's attention plan (:meth:`BlockContext.quantized_attention`). Decoder blocks are called with
+the keyword arguments the model itself passed to block 0 (position embeddings, mask), so no decoder layer is
+re-implemented.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from quantbench.adapters import LlamaAdapter
-from quantbench.cache import atomic_save
+from quantbench.cache import atomic_save, cache_dir
+from quantbench.plan import QuantizedModel
+from quantbench.simulate import attention_plans
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +50,15 @@ def _move_kwargs(kw: dict, device) -> dict:
     return {k: mv(v) for k, v in kw.items()}
 
 
-class Layerwise:
-    """Block-by-block traversal of ``adapter``'s decoder over calibration ``windows`` (``[n, seqlen]`` ids).
+class _Layerwise:
+    """Block-by-block traversal of ``adapter``'s decoder over calibration ``windows`` (``[n, seqlen]`` ids), used by
+    :func:`run_blocks` only.
 
     ``for i, block in runner: ...`` visits each block with ``runner.inputs`` holding its inputs; when the loop body
     returns, the inputs are propagated through the block as it then is (or replaced by what the body passed to
-    :meth:`set_outputs`). ``feed`` runs the block over all inputs with hooks and stops each pass as soon as the
-    hooked modules have been called. With ``fp_stream`` a second, floating-point stream is kept beside the
-    quantized one (OmniQuant): ``runner.fp_targets`` is the untouched block's output on ``runner.fp_inputs``,
-    computed before the body runs.
+    :meth:`set_outputs`). With ``fp_stream`` a second, floating-point stream is kept beside the quantized one
+    (OmniQuant): ``runner.fp_targets`` is the untouched block's output on ``runner.fp_inputs``, computed before
+    the body runs.
     """
 
     def __init__(self, adapter: LlamaAdapter, windows: torch.Tensor, device: str | torch.device = "cpu",
@@ -149,15 +158,13 @@ def _cpu(x):
 class BlockCheckpoint:
     """What a method needs to redo a finished block without calibrating it again (nested dicts/lists of tensors and
     numbers), one file per block written atomically when the block is done; a killed run resumes after the last
-    finished block (design §6). Files: ``<cache>/checkpoints/<tag>-<key>/<block>.pt``, ``key`` naming the run's
+    finished block. Files: ``<cache>/checkpoints/<tag>-<key>/<block>.pt``, ``key`` naming the run's
     calibration identity (config hash, device, torch, code: ``planstore.calibration_key``); the folder is removed
     once the method finishes. Only an unbroken run of blocks from 0 is resumed: a damaged file and everything after
     it are calibrated again. Finished blocks live on disk only (a 70B run does not hold them in memory); ``key``
     None writes nothing."""
 
     def __init__(self, tag: str, key: str | None):
-        from quantbench.models import cache_dir
-
         self.dir = cache_dir() / "checkpoints" / f"{tag}-{key}" if key else None
         self.blocks: dict[int, dict] = {}
         if self.dir is None or not self.dir.is_dir():
@@ -184,3 +191,93 @@ class BlockCheckpoint:
         """The method finished: the checkpoint is no longer needed."""
         if self.dir is not None and self.dir.is_dir():
             shutil.rmtree(self.dir)
+
+
+@dataclass
+class BlockContext:
+    """What a method's per-block step sees: block ``index`` of the decoder, its ``inputs`` (the quantized stream,
+    one tensor per calibration window or the method's own reduction of them), the keyword arguments the model
+    passed to its blocks, and with ``fp_stream`` the FP block's outputs on the FP stream (``fp_targets``). A step
+    that already computed the block's outputs sets ``outputs``; otherwise the runner runs the block as the step
+    left it."""
+
+    index: int
+    block: nn.Module
+    qm: QuantizedModel
+    runner: _Layerwise = field(repr=False)
+    fp_targets: list[torch.Tensor] | None = None
+    outputs: list[torch.Tensor] | None = None
+
+    @property
+    def inputs(self) -> list[torch.Tensor]:
+        return self.runner.inputs
+
+    @inputs.setter
+    def inputs(self, value: list[torch.Tensor]) -> None:
+        self.runner.inputs = value
+
+    @property
+    def kwargs(self) -> dict:
+        return self.runner.kwargs
+
+    @property
+    def prefix(self) -> str:
+        """The block's qualified name with a trailing dot (``model.layers.3.``)."""
+        return self.qm.adapter.block_prefix(self.index)
+
+    def forward(self, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The block's outputs on ``inputs`` (default: :attr:`inputs`), one window at a time."""
+        return self.runner.forward(self.block, inputs)
+
+    def feed(self, hooks: dict[nn.Module, Callable[[torch.Tensor], None]]) -> None:
+        """Call ``hooks[m](input of m)`` for every input; each pass stops once all hooked modules have run."""
+        self.runner.feed(self.block, hooks)
+
+    def quantized_attention(self) -> contextlib.AbstractContextManager:
+        """For the duration, the block's attention runs with its :class:`~quantbench.plan.AttentionPlan`."""
+        return attention_plans(self.qm.model, {self.qm.adapter.attention(self.block): self.qm.attention.get(self.index)})
+
+
+@dataclass
+class BlockRun:
+    """What :func:`run_blocks` reports: the blocks restored from checkpoints, the mean seconds per calibrated block
+    and the whole run's seconds."""
+
+    resumed: list[int]
+    per_block_s: float
+    wall_s: float
+
+
+def run_blocks(qm: QuantizedModel, windows: torch.Tensor, step: Callable[[BlockContext], dict | None],
+               restore: Callable[[BlockContext, dict], None] | None = None, *, key: str | None = None,
+               tag: str = "calibrate", device: str | torch.device = "cpu", fp_stream: bool = False) -> BlockRun:
+    """Visit every decoder block of ``qm``'s model over the calibration ``windows``: ``step(ctx)`` calibrates block
+    ``ctx.index`` and returns what redoes it without calibrating (its checkpoint state: nested dicts/lists of
+    tensors and numbers), ``restore(ctx, state)`` redoes it from that state.
+
+    With ``key`` (the run's calibration key, :func:`quantbench.planstore.calibration_key`) each finished block's
+    state is written to ``checkpoints/<tag>-<key>/<i>.pt`` and a re-run restores the unbroken prefix of finished
+    blocks instead of calibrating them; the folder is removed when the last block is done."""
+    t0 = time.perf_counter()
+    ckpt = BlockCheckpoint(tag, key)
+    if ckpt.blocks and restore is None:
+        raise ValueError(f"{tag}: checkpointed blocks but no restore step")
+    runner = _Layerwise(qm.adapter, windows, device, desc=tag, fp_stream=fp_stream)
+    resumed, times = [], []
+    for i, block in runner:
+        ctx = BlockContext(i, block, qm, runner, runner.fp_targets)
+        tb = time.perf_counter()
+        if i in ckpt.blocks:
+            restore(ctx, ckpt.blocks[i])
+            resumed.append(i)
+        else:
+            state = step(ctx)
+            ckpt.save(i, state if state is not None else {})
+            times.append(time.perf_counter() - tb)
+        if ctx.outputs is not None:
+            runner.set_outputs(ctx.outputs)
+    ckpt.done()
+    out = BlockRun(resumed, sum(times) / max(len(times), 1), time.perf_counter() - t0)
+    log.info("%s: %d blocks in %.1fs (%.2fs per calibrated block%s)", tag, len(qm.adapter.blocks), out.wall_s,
+             out.per_block_s, f"; blocks {resumed[0]}-{resumed[-1]} restored from checkpoints" if resumed else "")
+    return out

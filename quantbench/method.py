@@ -1,4 +1,10 @@
-"""The method interface: ``Method(**options).quantize(loaded_model, scheme, calib) -> QuantizedModel`` (a plan)."""
+"""The method interface: ``Method(**options).quantize(loaded_model, scheme, calib, key=None) -> QuantizedModel``.
+
+A method returns a plan (:mod:`quantbench.plan`); block-wise methods supply per-block steps to the layer-wise
+runner (:func:`quantbench.layerwise.run_blocks`), which owns the block lifecycle. ``key`` names the run's
+calibration (:func:`quantbench.planstore.calibration_key`): with it, finished blocks are checkpointed and a killed
+run resumes. docs/architecture.md has the recipe for a new method.
+"""
 from __future__ import annotations
 
 from typing import ClassVar
@@ -37,8 +43,11 @@ class Method:
       quantize activations: SmoothQuant, DuQuant); such a run still works, is logged as such, and the overview
       page marks those cells ``n/a`` instead of leaving them to be filled;
     - ``role``: what the method can be in a pipeline (``quantbench.pipeline``): a ``transform`` (rewrites the model
-      and builds the plan: :meth:`prepare`), a ``weights`` quantizer (:meth:`quantize_weights`, also per block), a
-      ``plugin`` that runs after a base, or ``method`` (whole, not composable).
+      and builds the plan: :meth:`prepare`), a ``weights`` quantizer (:meth:`quantize_weights`, and one block at a
+      time: :meth:`quantize_block`), a ``plugin`` that runs after a base, or ``method`` (whole, not composable);
+    - ``modifies``: the parts of the model (``adapters.PARTS``: embed, norms, linears, final_norm, lm_head) whose
+      tensors ``quantize`` may change; a cached plan stores exactly those (``quantbench.planstore``), and
+      ``tests/test_planstore.py`` checks every method changes nothing outside them.
 
     ``quantize`` is ``prepare`` then ``quantize_weights`` unless a method overrides it.
     """
@@ -52,6 +61,7 @@ class Method:
     quantizes: ClassVar[bool] = True
     weight_only: ClassVar[bool] = True  # weight-only (a16) schemes are in the method's reference scope
     role: ClassVar[str] = "method"
+    modifies: ClassVar[tuple[str, ...]] = ()
     weights_label: ClassVar[str | None] = None  # method_info["weights"] (default: the name)
 
     def __init__(self, seed: int = 0, device: str = "cpu", **opts):
@@ -60,7 +70,6 @@ class Method:
             known = ", ".join(sorted(self.options)) or "none"
             raise ConfigError(f"method {self.name!r} has no option {', '.join(unknown)}; its options: {known}")
         self.seed, self.device = seed, device
-        self.run_key: str | None = None  # set by the runner: planstore.calibration_key (cached plan, block checkpoints)
         self.opts = {k: _coerce(k, opts.get(k, d), d) for k, d in self.options.items()}
         for k, allowed in self.choices.items():
             if self.opts[k] not in allowed:
@@ -75,13 +84,18 @@ class Method:
         return plain_plan(lm, scheme, weights=self.weights_label or self.name)
 
     def quantize_weights(self, qm: QuantizedModel, spec: QuantSpec, calib: Calibration | None,
-                         blocks=None) -> None:
-        """Quantize the planned weights; ``blocks`` = ``(i, block, runner)`` to do one block inside a caller's
-        layer-wise pass (norm-tweaking), the model's current inputs to that block in ``runner.inputs``."""
+                         key: str | None = None) -> None:
+        """Quantize every planned weight."""
         raise NotImplementedError(f"{self.name} has no separate weight quantizer")
 
-    def quantize(self, lm: LoadedModel, scheme: QuantScheme, calib: Calibration | None) -> QuantizedModel:
+    def quantize_block(self, qm: QuantizedModel, spec: QuantSpec, ctx) -> None:
+        """Quantize the planned weights of one block inside a caller's layer-wise pass (norm-tweaking):
+        ``ctx`` is its :class:`quantbench.layerwise.BlockContext`, the block's current inputs in ``ctx.inputs``."""
+        raise NotImplementedError(f"{self.name} has no per-block weight quantizer")
+
+    def quantize(self, lm: LoadedModel, scheme: QuantScheme, calib: Calibration | None,
+                 key: str | None = None) -> QuantizedModel:
         qm = self.prepare(lm, scheme, calib)
         if scheme.w:
-            self.quantize_weights(qm, scheme.w, calib)
+            self.quantize_weights(qm, scheme.w, calib, key=key)
         return qm

@@ -12,15 +12,15 @@ import json
 import logging
 import os
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
+from quantbench import corpus, hub
 from quantbench.adapters import LlamaAdapter, adapter_for
+from quantbench.cache import cache_dir
 from quantbench.errors import ConfigError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -66,13 +66,6 @@ TINY_DIMS = dict(
 BUILTIN = ("smollm2-135m", *TINY)
 
 
-def cache_dir() -> Path:
-    """Root of quantbench's on-disk caches (``$QUANTBENCH_CACHE``, default ``~/.cache/quantbench``)."""
-    d = Path(os.environ.get("QUANTBENCH_CACHE", Path.home() / ".cache" / "quantbench"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -88,38 +81,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """True when the HF endpoint accepts a TCP connection within ``timeout`` (never retries)."""
-    if _offline():
-        return False
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def offline_mode():
-    """Put huggingface_hub and datasets in offline mode for a block (cache only, no retries), then restore."""
-    import datasets.config
-    from huggingface_hub import constants
-
-    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE
-    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
 
 
 def resolve(name: str) -> tuple[str, str]:
@@ -143,15 +104,15 @@ def check_available(name: str) -> None:
     kind, target = resolve(name)
     if kind == "builtin" and name == "smollm2-135m":
         _smollm2_gguf()
-    elif kind == "hub" and _hub_snapshot(target) is None and not hub_reachable():
+    elif kind == "hub" and _hub_snapshot(target) is None and not hub.reachable():
         raise UnavailableError(_hub_hint(name, target))
 
 
 def _hub_hint(name: str, hf_id: str) -> str:
     return (
         f"model {name!r} ({hf_id}) is not in the local Hugging Face cache and the hub cannot be reached "
-        f"(offline or HF_HUB_OFFLINE=1). With network: `huggingface-cli download {hf_id}` (gated models need "
-        f"`huggingface-cli login`), or pass a local directory with --model /path/to/model. "
+        f"(offline or HF_HUB_OFFLINE=1). With network: `hf download {hf_id}` (gated models need "
+        f"`hf auth login`), or pass a local directory with --model /path/to/model. "
         f"Offline, use the built-in --model smollm2-135m."
     )
 
@@ -174,7 +135,7 @@ def load(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", see
         info["revision"] = _dir_fingerprint(target)
     else:
         snap = _hub_snapshot(target)
-        if snap is None and not hub_reachable():
+        if snap is None and not hub.reachable():
             raise UnavailableError(_hub_hint(name, target))
         src = snap or target
         model, tok = _from_dir(src, dtype), _tokenizer(src)
@@ -292,12 +253,10 @@ def tiny_tokenizer():
     """Byte-level BPE (vocab 1024) trained on the shipped Austen train split; cached by corpus hash."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from quantbench import data
-
-    key = hashlib.sha256(json.dumps(data.corpus_manifest()["austen"], sort_keys=True).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps(corpus.manifest()["austen"], sort_keys=True).encode()).hexdigest()[:12]
     out = cache_dir() / f"tiny-bpe1024-{key}"
     if not (out / "tokenizer.json").exists():
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # start-up: tests only
 
         tk = Tokenizer(models.BPE())
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -306,7 +265,7 @@ def tiny_tokenizer():
             vocab_size=TINY_DIMS["vocab_size"], special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
         )
-        tk.train_from_iterator([data.corpus_text("austen", "train")], trainer)
+        tk.train_from_iterator([corpus.text("austen", "train")], trainer)
         wrapped = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
                                           unk_token="<unk>", pad_token="<pad>")
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")

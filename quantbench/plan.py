@@ -1,11 +1,11 @@
-"""What a method hands a backend (design §3): per linear, integer weights + online transforms + activation spec.
+"""What a method hands a backend (docs/architecture.md, "The plan"): per linear, integer weights + online
+transforms + activation spec; per attention layer, the Q/K/V specs.
 
 A plan says *what* to compute, not how; the fake-quant backend simulates it exactly in floating point, kernel
 backends run it with integer math, and both are tested against each other.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -70,44 +70,6 @@ class QuantizedModel:
     linears: dict[str, LinearPlan] = field(default_factory=dict)
     attention: dict[int, AttentionPlan] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # method settings, what was kept FP, calibration id
-
-
-class PreLinear(nn.Module):
-    """``inner(pre(x))``: a linear with its plan's online transforms and no quantization (calibration view)."""
-
-    def __init__(self, pre: list, inner: nn.Linear):
-        super().__init__()
-        self.pre, self.inner = nn.Sequential(*pre), inner
-
-    def forward(self, x):
-        return self.inner(self.pre(x))
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The ``nn.Linear`` behind a :class:`PreLinear` (or the module itself)."""
-    return module.inner if isinstance(module, PreLinear) else module
-
-
-@contextlib.contextmanager
-def online_view(qm: QuantizedModel):
-    """Temporarily run ``qm.model`` with every planned online transform active and nothing quantized.
-
-    This is the model GPTQ calibrates on after a rotation (QuaRot ``main.py``: the online Hadamards are installed
-    before GPTQ, the activation quantizers only after it), and it equals the original model in exact arithmetic.
-    """
-    swapped = []
-    for name, plan in qm.linears.items():
-        if plan.pre:
-            parent, _, attr = name.rpartition(".")
-            owner = qm.model.get_submodule(parent)
-            lin = getattr(owner, attr)
-            setattr(owner, attr, PreLinear(plan.pre, lin))
-            swapped.append((owner, attr, lin))
-    try:
-        yield qm.model
-    finally:
-        for owner, attr, lin in swapped:
-            setattr(owner, attr, lin)
 
 
 def plain_plan(lm, scheme, **info) -> QuantizedModel:

@@ -1,12 +1,12 @@
-"""Calibrated plans on disk (design §3: "a plan serialises so a calibrated model is re-evaluated without
-recalibration"), through the content-keyed cache (``quantbench.cache``: checksummed, atomic, rebuilt if damaged).
+"""Calibrated plans on disk, so a calibrated model is re-evaluated without recalibration, through the
+content-keyed cache (``quantbench.cache``: checksummed, atomic, rebuilt if damaged).
 
 An entry holds the plan (per linear: codes, scales, zero points and spec, online transforms, activation spec; per
-attention: Q/K/V specs and the Q/K transform; the method's info) and the model tensors the method changed (norm
-fusions, rotations, smoothing), found by comparing content digests taken before and after quantizing. A linear
-weight that has codes in the plan is not stored: every backend computes with the dequantized codes and never reads
-it (``fake_quant.FakeQuantLinear``, ``triton_int4.TritonLinear``), so it is restored as those (GPTQ leaves exactly
-them there anyway; DuQuant leaves its rotated, clipped FP weight). With codes of at most 4 bits packed two per byte
+attention: Q/K/V specs and the Q/K transform; the method's info) and the model tensors of the parts the method
+declares it changes (``Method.modifies``: norm fusions, rotations, smoothing). A linear weight that has codes in the
+plan is not stored: every backend computes with the dequantized codes and never reads it
+(``simulate.FakeQuantLinear``, ``triton_int4.TritonLinear``), so it is restored as those (GPTQ leaves exactly them
+there anyway; DuQuant leaves its smoothed FP weight). With codes of at most 4 bits packed two per byte
 (``QTensor.state``) an entry stays near the size of the codes: SmolLM2-135M fp32, GPTQ W4A16 54 MB, DuQuant W4A4
 60 MB (500 MB with its rotated FP weights), SmoothQuant W8A8 107 MB, QuaRot-GPTQ W4A4 281 MB (rotated embeddings). Restoring onto a freshly loaded model gives the same plan and
 model, tensor for tensor but for those weights, and the same outputs (``tests/test_planstore.py``, every
@@ -20,6 +20,7 @@ caching off.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 from functools import cache
@@ -46,26 +47,13 @@ def enabled() -> bool:
 def code_digest() -> str:
     """sha256 of every ``.py`` file of the core package and of ``methods/``, in path order; taken when this module
     is imported (with the code it runs), not when first used."""
-    import quantbench
-    import quantbench.methods
-
+    core = Path(__file__).resolve().parent
+    methods = Path(importlib.util.find_spec("quantbench.methods").submodule_search_locations[0])
     h = hashlib.sha256()
-    for d in (Path(quantbench.__file__).parent, *map(Path, quantbench.methods.__path__)):
+    for d in (core, methods):
         for f in sorted(d.rglob("*.py")):
             h.update(str(f.relative_to(d)).encode() + f.read_bytes())
     return h.hexdigest()[:16]
-
-
-def digest(t: torch.Tensor) -> str:
-    t = t.detach().contiguous().cpu()
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def digests(model: nn.Module) -> dict[str, str]:
-    """Content digest of every state-dict tensor (taken before a method runs; about 0.3 s per 500 MB)."""
-    return {k: digest(t) for k, t in model.state_dict().items()}
 
 
 # ---- (de)serialisation: plain dicts of tensors and numbers, loadable with torch.load(weights_only=True)
@@ -86,25 +74,20 @@ def _unqt(d) -> QTensor | None:
     return None if d is None else QTensor.from_state(d)
 
 
-def to_state(qm: QuantizedModel, before: dict[str, str]) -> dict:
-    """The plan + the model tensors whose content differs from ``before`` (:func:`digests` of the loaded model)."""
+def to_state(qm: QuantizedModel, modifies) -> dict:
+    """The plan + the model tensors of the parts in ``modifies`` (``Method.modifies``, see ``adapters.PARTS``)."""
     linears = {n: {"weight": _qt(p.weight), "pre": [t.state() for t in p.pre], "act": _spec(p.act)}
                for n, p in qm.linears.items()}
     attention = {i: {"q": _spec(a.q), "k": _spec(a.k), "v": _spec(a.v),
                      "qk_pre": a.qk_pre.state() if a.qk_pre is not None else None} for i, a in qm.attention.items()}
     tensors, from_codes = {}, []
     sd = qm.model.state_dict()
-    unknown = sorted(set(sd) ^ set(before))
-    if unknown:
-        raise ValueError(f"the method changed the model's structure ({', '.join(unknown[:4])}); plan not cacheable")
-    for k, t in sd.items():
-        if digest(t) == before[k]:
-            continue
+    for k in qm.adapter.tensor_names(modifies):
         plan = qm.linears.get(k.removesuffix(".weight"))
         if plan is not None and plan.weight is not None:
             from_codes.append(k)
         else:
-            tensors[k] = t.detach()
+            tensors[k] = sd[k].detach()
     return {"format": FORMAT, "scheme": qm.scheme.name, "info": qm.info, "linears": linears, "attention": attention,
             "tensors": tensors, "from_codes": from_codes}
 
@@ -160,32 +143,26 @@ def restore(qm: QuantizedModel, state: dict) -> QuantizedModel:
 
 def calibration_key(run_id: str, device) -> str:
     """What a calibration result depends on: the run's config hash, the device, torch and quantbench's code. Names
-    the cached plan and the per-block checkpoints (``layerwise.BlockCheckpoint``)."""
+    the cached plan and the per-block checkpoints (``layerwise.run_blocks``)."""
     return store.key_of({"run": run_id, "device": str(device), "torch": torch.__version__, "code": code_digest()})
 
 
-def quantize(method, lm, scheme, calib) -> tuple[QuantizedModel, str]:
-    """``method.quantize(lm, scheme, calib)``, or its plan from the cache (key: ``method.run_key``, set by the runner
-    to :func:`calibration_key`); returns the plan and where it came from: "built" (a method without calibration:
-    never cached, rebuilt in seconds), "calibrated", "cache:<key>", or "calibrated (not cached: why)"."""
-    key = method.run_key
+def quantize(method, lm, scheme, calib, key: str | None = None) -> tuple[QuantizedModel, str]:
+    """``method.quantize(lm, scheme, calib, key)``, or its plan from the cache (``key``: :func:`calibration_key`);
+    returns the plan and where it came from: "built" (a method without calibration: never cached, rebuilt in
+    seconds), "calibrated", or "cache:<key>"."""
     if not method.needs_calibration:
         return method.quantize(lm, scheme, calib), "built"
     if not enabled() or key is None:
-        return method.quantize(lm, scheme, calib), "calibrated"
+        return method.quantize(lm, scheme, calib, key=key), "calibrated"
     state = store.load(KIND, key, "calibrated plan")
     if state is not None:
         try:
             return restore(plain_plan(lm, scheme), state), f"cache:{key}"
         except (ValueError, KeyError, TypeError) as e:  # checked before the model is touched: recalibrate
             log.warning("cached plan %s does not apply (%s); recalibrating", key, e)
-    before = digests(lm.model)
-    qm = method.quantize(lm, scheme, calib)
-    try:
-        store.save(KIND, key, to_state(qm, before))
-    except ValueError as e:
-        log.warning("%s", e)
-        return qm, f"calibrated (not cached: {e})"
+    qm = method.quantize(lm, scheme, calib, key=key)
+    store.save(KIND, key, to_state(qm, method.modifies))
     return qm, "calibrated"
 
 

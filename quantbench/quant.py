@@ -1,4 +1,4 @@
-"""One quantizer for every method, backend and kernel reference (design §4).
+"""One quantizer for every method, backend and kernel reference (docs/architecture.md, Quantizers).
 
 A :class:`QuantSpec` names a grid, a bit width, a granularity and a clip ratio; :func:`quantize` turns a tensor
 into integer codes + scale (+ zero point), :func:`dequantize` inverts it, :func:`fake_quant` does both with a

@@ -1,4 +1,6 @@
-"""Name -> object registries for methods, backends and tasks. Entries register themselves on import."""
+"""Name -> object registries for methods, backends and tasks. Entries register themselves on import
+(:func:`quantbench.plugins.load_plugins` imports the built-in ones); compositions such as ``gptq+normtweak`` are
+resolved by :func:`quantbench.pipeline.resolve`, not here."""
 from __future__ import annotations
 
 from quantbench.errors import ConfigError
@@ -21,10 +23,6 @@ class Registry(dict):
         return deco
 
     def get(self, name: str):  # noqa: D102 - a clear error instead of KeyError/None
-        if self is METHODS and "+" in name:
-            from quantbench.pipeline import compose
-
-            return compose(name)
         if name not in self:
             raise ConfigError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self))}")
         return self[name]
@@ -33,10 +31,3 @@ class Registry(dict):
 METHODS = Registry("method")
 BACKENDS = Registry("backend")
 TASKS = Registry("task")
-
-
-def load_plugins() -> None:
-    """Import the built-in methods, backends and tasks so they register."""
-    import quantbench.backends  # noqa: F401
-    import quantbench.methods  # noqa: F401
-    import quantbench.tasks  # noqa: F401

@@ -1,4 +1,4 @@
-"""Result records with full provenance, one JSON file per (run, task, metric), written atomically (design §7).
+"""Result records with full provenance, one JSON file per (run, task, metric), written atomically (docs/architecture.md, Data flow).
 
 ``config_hash`` covers everything that determines a value (method + options, model weights revision and
 tokenizer hash, resolved scheme specs, backend, dtype, calibration set when the method reads one, task protocol);

@@ -14,8 +14,11 @@ import torch
 from quantbench import models, offload, planstore
 from quantbench.data import Calibration, windows_digest
 from quantbench.errors import UnavailableError
-from quantbench.quant import override_specs, parse_scheme
-from quantbench.registry import BACKENDS, METHODS, load_plugins
+from quantbench.method import Method
+from quantbench.pipeline import resolve
+from quantbench.plugins import load_plugins
+from quantbench.quant import QuantScheme, override_specs, parse_scheme
+from quantbench.registry import BACKENDS
 from quantbench.results import SCHEMA, ResultStore, config_hash, device_info, now, peak_memory_mb, versions
 from quantbench.tasks import Task
 
@@ -64,17 +67,27 @@ class RunOutcome:
     already_done: list[str] = field(default_factory=list)  # tasks skipped by resume
 
 
-def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = False) -> RunOutcome:
+def resolve_config(cfg: RunConfig) -> tuple[Method, QuantScheme]:
+    """The configuration's method (built with its options) and parsed scheme; raises ConfigError on bad input.
+    Build once per configuration: the bench resolves every case up front and hands the result to :func:`run`."""
+    load_plugins()
+    method = resolve(cfg.method)(seed=cfg.seed, device=cfg.device, **cfg.options)
+    BACKENDS.get(cfg.backend)
+    scheme = parse_scheme(cfg.scheme, override_specs(method.specs(), cfg.quantizers))
+    return method, scheme
+
+
+def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = False,
+        resolved: tuple[Method, QuantScheme] | None = None) -> RunOutcome:
     """Run one (method, model, scheme, backend) configuration on ``tasks`` and write their records.
 
     Task data is prepared before quantizing, so an unavailable dataset costs no calibration; such tasks are
     reported in the outcome, the others still run. With ``resume``, tasks whose records already exist are not
-    evaluated again (and if none is left, the model is not quantized).
+    evaluated again (and if none is left, the model is not quantized). ``resolved``: :func:`resolve_config`'s
+    result when the caller already has it.
     """
-    load_plugins()
-    method = METHODS.get(cfg.method)(seed=cfg.seed, device=cfg.device, **cfg.options)
+    method, scheme = resolved or resolve_config(cfg)
     backend = BACKENDS.get(cfg.backend)
-    scheme = parse_scheme(cfg.scheme, override_specs(method.specs(), cfg.quantizers))
     if scheme.a is None and scheme.w is not None and not method.weight_only:
         log.info("%s %s: weight-only is outside %s's reference scope (it exists to quantize activations); running "
                  "it as asked", cfg.method, scheme.name, cfg.method)
@@ -110,8 +123,8 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
     if calib is not None:
         calib.windows  # noqa: B018 - build (or fail on unavailable data) before any quantization work
     t0 = time.perf_counter()
-    method.run_key = planstore.calibration_key(run_id, cfg.device)  # names the cached plan and block checkpoints
-    qm, plan_source = planstore.quantize(method, lm, scheme, calib)
+    key = planstore.calibration_key(run_id, cfg.device)  # names the cached plan and the block checkpoints
+    qm, plan_source = planstore.quantize(method, lm, scheme, calib, key)
     module = backend(qm)
     quant_s = time.perf_counter() - t0
     if cfg.device.startswith("cuda"):

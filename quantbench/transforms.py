@@ -1,10 +1,14 @@
-"""Online input transforms of a linear layer and how each folds into the weight (design §3, ``LinearPlan.pre``).
+"""Online input transforms of a linear layer and how each folds into the weight (``LinearPlan.pre``).
 
 Row-vector convention, as ``nn.Linear``: ``y = x Wᵀ``. A transform ``T`` applied online to ``x`` is compensated
 by the weight ``T.fold(W)``, so ``F.linear(T(x), T.fold(W)) == F.linear(x, W)`` in exact arithmetic:
 for an orthogonal ``M`` (``x -> x M``) the weight becomes ``W M``; for a smoothing scale (``x -> x / s``,
 SmoothQuant Eq. 3) the weight becomes ``W diag(s)``. Methods fold offline what they can and leave the rest
 online in the plan, where a kernel backend may fuse it with activation quantization.
+
+Each transform is one typed object, composites included (DuQuant's ``R1 → P → R2`` is one
+:class:`DuQuantRotation`, QuaRot's ``H_K ⊗ H_2^m`` one :class:`Hadamard`): a backend dispatches on the type and
+never has to recognise a composite from a sequence of parts.
 """
 from __future__ import annotations
 
@@ -140,3 +144,53 @@ class HeadHadamard(OnlineTransform):
 
     def extra_repr(self):
         return f"heads={self.heads}, head_dim={self.head_dim}"
+
+
+class DuQuantRotation(OnlineTransform):
+    """DuQuant's ``G = R1 · P1 · R2 (· P2 · R3 ...)`` as one transform (paper Eq. 5-6; ``Hsu1023/DuQuant:
+    quantize/quantizer.py``, ``online_duquant_cali``): the ``i``-th ``b x b`` rotation applied to every contiguous
+    block of ``b`` channels (Remark 2), then the ``i``-th channel permutation, ..., ending with a block rotation.
+
+    ``r``: ``[n, b, b]`` rotations; ``perm``: ``[n - 1, C]`` permutations (``permutation_times = n - 1``)."""
+
+    def __init__(self, r: torch.Tensor, perm: torch.Tensor):
+        super().__init__()
+        if r.dim() != 3 or r.shape[1] != r.shape[2] or perm.dim() != 2 or perm.shape[0] != r.shape[0] - 1:
+            raise ConfigError(f"DuQuantRotation needs [n, b, b] rotations and [n-1, C] permutations, got "
+                              f"{tuple(r.shape)} and {tuple(perm.shape)}")
+        for p in perm:
+            if not torch.equal(torch.sort(p).values, torch.arange(p.numel())):
+                raise ConfigError("DuQuantRotation needs permutations of 0..C-1")
+        self.register_buffer("r", r.detach().clone())
+        self.register_buffer("perm", perm.detach().clone().long())
+
+    @property
+    def block(self) -> int:
+        return self.r.shape[1]
+
+    def forward(self, x):
+        b = self.block
+        if x.shape[-1] % b:
+            raise ConfigError(f"block rotation of size {b} cannot transform a dimension of {x.shape[-1]}")
+        for i in range(self.r.shape[0]):
+            x = (x.reshape(*x.shape[:-1], -1, b) @ self.r[i].to(x.dtype)).reshape(x.shape)
+            if i < self.perm.shape[0]:
+                x = x.index_select(-1, self.perm[i])
+        return x
+
+    fold = forward  # orthogonal: W -> W G, the same map on the weight's rows
+
+    def split_last(self) -> tuple[list[OnlineTransform], DuQuantRotation]:
+        """``(head, tail)`` with ``tail`` the last ``R · P · R`` (or the single rotation) and ``head`` the parts
+        before it as :class:`BlockRotation` / :class:`Permute` (empty for ``permutation_times <= 1``), so that
+        ``G(x) = tail(head(x))``: for a backend that fuses only one ``R · P · R``."""
+        n = self.r.shape[0]
+        if n <= 2:
+            return [], self
+        head: list[OnlineTransform] = []
+        for i in range(n - 2):
+            head += [BlockRotation(self.r[i]), Permute(self.perm[i])]
+        return head, DuQuantRotation(self.r[n - 2:], self.perm[n - 2:])
+
+    def extra_repr(self):
+        return f"block={self.block}, permutations={self.perm.shape[0]}"

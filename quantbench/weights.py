@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -23,9 +22,10 @@ from tqdm.auto import tqdm
 
 from quantbench.adapters import LINEARS
 from quantbench.errors import ConfigError
-from quantbench.layerwise import BlockCheckpoint, Layerwise
-from quantbench.plan import QuantizedModel, online_view, unwrap
+from quantbench.layerwise import BlockContext, run_blocks
+from quantbench.plan import QuantizedModel
 from quantbench.quant import QTensor, QuantSpec, _grouped, mse_clip, qparams, quantize
+from quantbench.simulate import online_view, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +54,13 @@ def _check_finite(name: str, w: torch.Tensor) -> None:
         raise ConfigError(f"{name}: cannot quantize a tensor with NaN/inf values (shape {tuple(w.shape)})")
 
 
-def round_to_nearest(qm: QuantizedModel, spec: QuantSpec, clip_search: bool = False, blocks=None) -> None:
+def round_to_nearest(qm: QuantizedModel, spec: QuantSpec, clip_search: bool = False, block: int | None = None) -> None:
     """RTN weights for every planned linear (QuaRot ``gptq_utils.py::rtn_fwrd``; ``clip_search`` = ``--w_clip``),
-    or only block ``blocks[0]``'s when given ``(i, block, runner)``."""
+    or only those of decoder block ``block``."""
     names = list(qm.linears)
-    if blocks is not None:
-        names = [n for n in (qm.adapter.linear_name(blocks[0], r) for r in LINEARS) if n in qm.linears]
-    for name in tqdm(names, desc="rtn: quantize weights", leave=False, disable=blocks is not None):
+    if block is not None:
+        names = [n for n in (qm.adapter.linear_name(block, r) for r in LINEARS) if n in qm.linears]
+    for name in tqdm(names, desc="rtn: quantize weights", leave=False, disable=block is not None):
         w = unwrap(qm.model.get_submodule(name)).weight.detach()
         try:  # quantize() refuses NaN/inf; the error names the layer
             p = mse_clip(_grouped(w, spec), spec) if clip_search else None
@@ -167,33 +167,26 @@ def gptq(qm: QuantizedModel, windows: torch.Tensor, spec: QuantSpec, cfg: GPTQCo
     """GPTQ every planned linear block by block (QuaRot ``gptq_fwrd``), calibrating on the plan's *online view*:
     the planned online transforms active, activations unquantized. Returns timing info for provenance.
 
-    With ``key`` (the run's calibration key) each finished block's codes are checkpointed; a killed run resumes
-    after the last finished block, the finished ones restored rather than recalibrated (same codes, bit for bit)."""
+    Each block's checkpoint is its codes: a resumed block gets them back bit for bit (``key``: see
+    :func:`quantbench.layerwise.run_blocks`)."""
     adapter = qm.adapter
-    t0 = time.perf_counter()
-    per_block, resumed = [], []
-    ckpt = BlockCheckpoint("gptq", key)
+
+    def names(ctx):
+        return {r: adapter.linear_name(ctx.index, r) for r in LINEARS if adapter.linear_name(ctx.index, r) in qm.linears}
+
+    def step(ctx: BlockContext) -> dict:
+        gptq_block(qm, ctx, spec, cfg)
+        return {r: qm.linears[n].weight.state() for r, n in names(ctx).items() if qm.linears[n].weight is not None}
+
+    def restore(ctx: BlockContext, state: dict) -> None:
+        lins = {r: unwrap(m) for r, m in adapter.linears(ctx.block).items()}
+        for r, d in state.items():
+            _set_weight(qm, adapter.linear_name(ctx.index, r), lins[r], QTensor.from_state(d, lins[r].weight.device))
+
     with online_view(qm):
-        runner = Layerwise(adapter, windows, device, desc="gptq")
-        for i, block in runner:
-            tb = time.perf_counter()
-            lins = {r: unwrap(m) for r, m in adapter.linears(block).items()}
-            if i in ckpt.blocks:
-                for r, d in ckpt.blocks[i].items():
-                    _set_weight(qm, adapter.linear_name(i, r), lins[r], QTensor.from_state(d, lins[r].weight.device))
-                resumed.append(i)
-                continue
-            gptq_block(qm, i, block, runner, spec, cfg)
-            done = {r: qm.linears[adapter.linear_name(i, r)].weight for r in lins
-                    if adapter.linear_name(i, r) in qm.linears}
-            ckpt.save(i, {r: q.state() for r, q in done.items() if q is not None})
-            per_block.append(time.perf_counter() - tb)
-    ckpt.done()
-    total = time.perf_counter() - t0
-    avg = sum(per_block) / max(len(per_block), 1)
-    log.info("gptq: %d blocks in %.1fs (%.2fs/block)", len(adapter.blocks), total, avg)
-    out = {"gptq": cfg.to_dict(), "gptq_wall_s": round(total, 2), "gptq_per_block_s": round(avg, 3)}
-    return {**out, "gptq_resumed_blocks": resumed} if resumed else out
+        done = run_blocks(qm, windows, step, restore, key=key, tag="gptq", device=device)
+    out = {"gptq": cfg.to_dict(), "gptq_wall_s": round(done.wall_s, 2), "gptq_per_block_s": round(done.per_block_s, 3)}
+    return {**out, "gptq_resumed_blocks": done.resumed} if done.resumed else out
 
 
 def _set_weight(qm: QuantizedModel, name: str, lin, qt: QTensor) -> None:
@@ -205,10 +198,10 @@ def _set_weight(qm: QuantizedModel, name: str, lin, qt: QTensor) -> None:
     lin.weight.data = qt.dequantize(lin.weight.dtype).to(lin.weight.device)
 
 
-def gptq_block(qm: QuantizedModel, i: int, block, runner: Layerwise, spec: QuantSpec, cfg: GPTQConfig) -> None:
-    """GPTQ block ``i``'s planned linears on ``runner.inputs``, true-sequential groups (``gptq_fwrd``); the block's
-    linears then hold the dequantized weights, so what follows sees the quantized block."""
-    adapter = qm.adapter
+def gptq_block(qm: QuantizedModel, ctx: BlockContext, spec: QuantSpec, cfg: GPTQConfig) -> None:
+    """GPTQ the planned linears of block ``ctx.index`` on ``ctx.inputs``, true-sequential groups (``gptq_fwrd``);
+    the block's linears then hold the dequantized weights, so what follows sees the quantized block."""
+    adapter, i, block = qm.adapter, ctx.index, ctx.block
     groups = TRUE_SEQUENTIAL if cfg.true_sequential else (tuple(r for g in TRUE_SEQUENTIAL for r in g),)
     lins = {role: unwrap(m) for role, m in adapter.linears(block).items()}
     for roles in groups:
@@ -216,7 +209,7 @@ def gptq_block(qm: QuantizedModel, i: int, block, runner: Layerwise, spec: Quant
         if not roles:
             continue
         hs = {r: Hessian(lins[r].in_features, lins[r].weight.device) for r in roles}
-        runner.feed(block, {lins[r]: hs[r].add for r in roles})
+        ctx.feed({lins[r]: hs[r].add for r in roles})
         for r in roles:
             name = adapter.linear_name(i, r)
             _check_finite(name, lins[r].weight)

@@ -12,7 +12,12 @@ from collections import defaultdict
 
 from tabulate import tabulate
 
+from quantbench.errors import ConfigError
+from quantbench.pipeline import resolve
+from quantbench.plugins import load_plugins  # noqa: F401  (registers the methods that records name)
+from quantbench.reports.papers import paper_values
 from quantbench.results import ResultStore
+from quantbench.tasks.lmeval import DUQUANT_QA6, LONGBENCH, LONGBENCH_SUBSETS, MMLU_CATEGORIES, QA, QA_SHOWN
 
 LOWER_IS_BETTER = {"ppl"}
 
@@ -56,13 +61,9 @@ def table(group: list[dict]) -> str:
 
 def _method(r: dict) -> str:
     """Method name plus the options that differ from the method's registered defaults."""
-    from quantbench.errors import ConfigError
-    from quantbench.registry import METHODS, load_plugins
-
-    load_plugins()
     opts = r.get("method_options") or {}
     try:  # pipelines ("gptq+normtweak") are built by name; a method no longer registered shows every option
-        defaults = METHODS.get(r["method"]).options
+        defaults = resolve(r["method"]).options
     except ConfigError:
         defaults = {}
     diff = [f"{k}={v}" for k, v in opts.items() if defaults.get(k, object()) != v]
@@ -130,7 +131,6 @@ def paper_tables(records: list[dict], models: list[str] | None = None) -> list[s
     each task's paper value beside our latest record of the same (model, method, scheme, task, metric). A record
     measured under another protocol is shown marked ``≠`` (its label in the footnote), never compared; one with
     non-default method options is marked ``*``."""
-    from quantbench.reports.papers import paper_values
 
     records = latest(records)
     out = []
@@ -190,7 +190,6 @@ def _shown(family: str, recs: dict[str, float], task: str) -> tuple[str, float] 
 
 
 def _columns(family: str, suite: str, cells: dict) -> list[str]:
-    from quantbench.tasks.lmeval import LONGBENCH, MMLU_CATEGORIES, QA
 
     present = {c for row in cells.values() for c in row}
     if family == "mmlu":
@@ -204,7 +203,6 @@ def _columns(family: str, suite: str, cells: dict) -> list[str]:
 
 def family_tables(records: list[dict]) -> list[str]:
     """One table per (family, suite, protocol settings): rows are runs, columns tasks (or MMLU categories)."""
-    from quantbench.tasks.lmeval import DUQUANT_QA6, LONGBENCH_SUBSETS, QA_SHOWN
 
     tables: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
@@ -265,7 +263,6 @@ def family_tables(records: list[dict]) -> list[str]:
 
 
 def _averages(family: str, suite: str, cols: list[str]) -> list[tuple[str, list[str]]]:
-    from quantbench.tasks.lmeval import DUQUANT_QA6, LONGBENCH_SUBSETS
 
     if family == "mmlu" or (family == "longbench" and suite == "local"):
         return [("avg", ["_avg"])]

@@ -1,4 +1,4 @@
-"""The papers' numbers, as facts with their source, and reproduction cards (methods.md §6; issue: reporting).
+"""The papers' numbers, as facts with their source, and reproduction cards.
 
 :data:`VALUES` holds every number the leaderboards put beside ours: one :class:`PaperValue` per (model, method,
 scheme, task, metric), with the paper and table it comes from and the evaluation protocol it was measured under

@@ -21,6 +21,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from quantbench.results import ResultStore
+from quantbench.runner import RunConfig, run
+from quantbench.tasks import make_task
+
 BASELINE = Path(__file__).resolve().parent / "baselines" / "regression.json"
 
 
@@ -54,10 +58,6 @@ CHECKS = [
 
 def run_check(check: Check, results_dir: Path) -> dict:
     """Run one check; its record (value, config hash, protocol)."""
-    from quantbench.results import ResultStore
-    from quantbench.runner import RunConfig, run
-    from quantbench.tasks import make_task
-
     task = dict(check.task)
     out = run(RunConfig(**check.run), [make_task(task.pop("name"), **task)], ResultStore(results_dir))
     if not out.records:

@@ -15,6 +15,10 @@ from pathlib import Path
 
 from tabulate import tabulate
 
+from quantbench.errors import ConfigError
+from quantbench.pipeline import resolve
+from quantbench.quant import parse_scheme
+from quantbench.registry import METHODS
 from quantbench.reports import leaderboard
 from quantbench.reports.papers import CARDS, COSTS, INCONSISTENT
 from quantbench.reports.speed import read_tables
@@ -32,9 +36,6 @@ def _bits(r: dict) -> tuple[int, int]:
 
 
 def _methods() -> list[str]:
-    from quantbench.registry import METHODS, load_plugins
-
-    load_plugins()
     return sorted(n for n in METHODS if getattr(METHODS.get(n), "role", "") != "plugin")  # plug-ins: as "base+plugin"
 
 
@@ -62,12 +63,8 @@ def matrix(records: list[dict], model: str = MAIN_MODEL, protocol: str = MAIN_PR
 def _empty(method: str, scheme: str) -> str:
     """An empty cell: ``n/a`` where the scheme is weight-only and the method exists to quantize activations
     (``Method.weight_only``), else ``·`` (not run)."""
-    from quantbench.errors import ConfigError
-    from quantbench.quant import parse_scheme
-    from quantbench.registry import METHODS
-
     try:
-        s, cls = parse_scheme(scheme), METHODS.get(method)
+        s, cls = parse_scheme(scheme), resolve(method)
     except ConfigError:
         return "·"
     return "n/a" if s.a is None and s.w is not None and not cls.weight_only else "·"

@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from quantbench import models  # noqa: E402
-from quantbench.registry import load_plugins  # noqa: E402
+from quantbench.plugins import load_plugins  # noqa: E402
 
 load_plugins()
 

@@ -3,10 +3,11 @@ import torch
 import torch.nn.functional as F
 
 from quantbench import models
-from quantbench.backends.fake_quant import FakeQuantLinear, realize
+from quantbench.backends.fake_quant import realize
+from quantbench.simulate import FakeQuantLinear
 from quantbench.plan import AttentionPlan, LinearPlan, QuantizedModel
 from quantbench.quant import QuantSpec, fake_quant, parse_scheme, quantize
-from quantbench.registry import METHODS
+from quantbench.pipeline import resolve
 from quantbench.transforms import BlockRotation
 
 
@@ -17,7 +18,7 @@ def logits(model, ids):
 
 def quantized(name, scheme, method="rtn"):
     lm = models.load(name)
-    qm = METHODS.get(method)().quantize(lm, parse_scheme(scheme), None)
+    qm = resolve(method)().quantize(lm, parse_scheme(scheme), None)
     return realize(qm), lm
 
 
@@ -87,4 +88,4 @@ def test_nan_weight_is_a_clear_error_naming_the_layer():
     lm = models.load("tiny-llama")
     lm.model.model.layers[1].mlp.up_proj.weight.data[3, 5] = float("nan")
     with pytest.raises(ConfigError, match=r"model\.layers\.1\.mlp\.up_proj: .*NaN/inf.*\(256, 128\)"):
-        METHODS.get("rtn")().quantize(lm, parse_scheme("w4a4"), None)
+        resolve("rtn")().quantize(lm, parse_scheme("w4a4"), None)

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from quantbench import data, models
+from quantbench import corpus, data, hub, models
 from quantbench.errors import ConfigError, UnavailableError
 
 
@@ -21,11 +21,11 @@ def test_austen_splits_are_disjoint_and_verified():
 def test_corrupted_corpus_is_detected(monkeypatch):
     bad = {"austen": {**data.corpus_manifest()["austen"]}}
     bad["austen"]["sha256"] = {k: "0" * 64 for k in bad["austen"]["sha256"]}
-    data.corpus_text.cache_clear()
-    monkeypatch.setattr(data, "corpus_manifest", lambda: bad)
+    corpus.text.cache_clear()
+    monkeypatch.setattr(corpus, "manifest", lambda: bad)
     with pytest.raises(UnavailableError, match="corrupted"):
         data.corpus_text("austen", "validation")
-    data.corpus_text.cache_clear()
+    corpus.text.cache_clear()
 
 
 def test_ppl_windows_follow_gptq_protocol(tokenizer):
@@ -71,7 +71,7 @@ def test_zoo_resolution():
 
 def test_hub_model_offline_fails_in_well_under_a_second():
     t0 = time.perf_counter()
-    with pytest.raises(UnavailableError, match="huggingface-cli download mistralai/Mistral-7B-v0.1"):
+    with pytest.raises(UnavailableError, match="hf download mistralai/Mistral-7B-v0.1"):
         models.check_available("mistral-7b")
     with pytest.raises(UnavailableError, match="not in the local Hugging Face cache"):
         models.load("llama-3-8b")
@@ -106,7 +106,7 @@ def test_no_offline_variables_still_no_retry_wait(tokenizer, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=2.0: False)
+    monkeypatch.setattr(hub, "reachable", lambda timeout=2.0: False)
     t0 = time.perf_counter()
     with pytest.raises(UnavailableError, match="wikitext.*not available"):
         data.ppl_windows(tokenizer, "wikitext2")

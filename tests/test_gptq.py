@@ -7,9 +7,10 @@ from quantbench import models
 from quantbench.backends.fake_quant import realize
 from quantbench.data import Calibration
 from quantbench.errors import ConfigError
-from quantbench.layerwise import Layerwise
+from quantbench.layerwise import run_blocks
+from quantbench.plan import plain_plan
 from quantbench.quant import QuantSpec, _grouped, parse_scheme, qparams, quantize
-from quantbench.registry import METHODS
+from quantbench.pipeline import resolve
 from quantbench.weights import GPTQConfig, Hessian, gptq_quantize
 
 
@@ -74,14 +75,19 @@ def test_layerwise_runner_inputs_are_the_models_hidden_states():
     ids = torch.randint(0, 1024, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         hidden = lm.model(ids, output_hidden_states=True).hidden_states
-    runner = Layerwise(lm.adapter, ids)
-    calls = []
-    for i, block in runner:
-        torch.testing.assert_close(torch.cat(runner.inputs), hidden[i], rtol=1e-5, atol=1e-5)
-        lin = lm.adapter.linears(block)
-        runner.feed(block, {lin["o"]: lambda x: calls.append(x.shape), lin["q"]: lambda x: None})
+    calls, last = [], []
+
+    def step(ctx):
+        torch.testing.assert_close(torch.cat(ctx.inputs), hidden[ctx.index], rtol=1e-5, atol=1e-5)
+        lin = lm.adapter.linears(ctx.block)
+        ctx.feed({lin["o"]: lambda x: calls.append(x.shape), lin["q"]: lambda x: None})
+        if ctx.index == len(lm.adapter.blocks) - 1:
+            last[:] = ctx.forward()
+
+    done = run_blocks(plain_plan(lm, parse_scheme("w4a16")), ids, step)
     assert calls == [(1, 40, 128)] * 3 * 2  # once per window and block, each pass stopped early
-    final = lm.adapter.final_norm(torch.cat(runner.inputs))
+    assert done.resumed == [] and done.wall_s > 0
+    final = lm.adapter.final_norm(torch.cat(last))
     torch.testing.assert_close(final, hidden[-1], rtol=1e-5, atol=1e-5)
 
 
@@ -93,7 +99,7 @@ def test_gptq_methods_quantize_every_linear_and_beat_rtn(tokenizer, method):
     err, info = {}, {}
     for name in (method, "rtn" if method == "gptq" else "quarot"):
         lm = models.load("tiny-llama")
-        qm = METHODS.get(name)().quantize(lm, parse_scheme("w3a16"), calib)
+        qm = resolve(name)().quantize(lm, parse_scheme("w3a16"), calib)
         assert set(qm.linears) == {n for n, *_ in lm.adapter.named_linears()}
         assert all(p.weight is not None for p in qm.linears.values())
         info[name] = qm.info
@@ -102,3 +108,31 @@ def test_gptq_methods_quantize_every_linear_and_beat_rtn(tokenizer, method):
             err[name] = (realize(qm)(ids).logits - ref).pow(2).mean().item()
     assert info[method]["gptq"]["percdamp"] == 0.01 and info[method]["gptq_wall_s"] > 0
     assert err[method] < err["rtn" if method == "gptq" else "quarot"]
+
+
+def test_gptq_rounds_exact_ties_half_to_even():
+    """With ``H = I`` GPTQ spreads no error (the damped inverse is diagonal), so its codes are the quantizer's."""
+    w = torch.tensor([[7.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5]])
+    q = gptq_quantize(w, torch.eye(8), QuantSpec(4, "sym", "channel"))
+    assert q.codes.tolist() == [[7, 0, 2, 2, 0, -2, -2, 4]]
+
+
+def test_gptq_damping_solves_a_rank_deficient_hessian():
+    """Duplicated input columns make ``H`` singular with no dead column: only the ``percdamp · mean(diag H)``
+    damping (GPTQ ``fasterquant``) makes its Cholesky factor exist. The result equals GPTQ on the explicitly
+    damped ``H`` without damping of its own, and still beats RTN on the layer's output."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(512, 16, generator=g)
+    x = torch.cat([base, base, 2 * base[:, :8]], dim=1)  # 40 columns, rank 16
+    h = Hessian(40, "cpu")
+    for chunk in x.split(64):
+        h.add(chunk)
+    assert torch.linalg.matrix_rank(h.h.double()).item() == 16 and (h.h.diagonal() > 0).all()
+    w = torch.randn(24, 40, generator=g)
+    spec = QuantSpec(3, "sym", "channel")
+    got = gptq_quantize(w, h.h, spec, GPTQConfig(percdamp=0.01))
+    damped = h.h.clone()
+    damped.diagonal().add_(0.01 * damped.diagonal().mean())
+    assert torch.equal(got.codes, gptq_quantize(w, damped, spec, GPTQConfig(percdamp=0.0)).codes)
+    out = lambda q: x @ q.dequantize().T  # noqa: E731
+    assert (out(got) - x @ w.T).pow(2).mean() < (out(quantize(w, spec)) - x @ w.T).pow(2).mean()

@@ -5,7 +5,7 @@ import math
 import datasets
 import pytest
 
-from quantbench import models
+from quantbench import hub, models
 from quantbench.errors import ConfigError, UnavailableError
 from quantbench.tasks import expand, make_task
 from quantbench.tasks import lmeval
@@ -55,7 +55,7 @@ def test_protocol_labels_carry_harness_shots_bos_and_truncation():
                                           ("mmlu-5shot", "cais/mmlu"), ("mmlu-cloze-0shot", "cais/mmlu"),
                                           ("longbench-qasper", "Xnhyacinth/LongBench qasper")])
 def test_hub_tasks_offline_name_the_dataset(name, dataset, tokenizer, monkeypatch):
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=2.0: False)
+    monkeypatch.setattr(hub, "reachable", lambda timeout=2.0: False)
     with pytest.raises(UnavailableError, match=f"needs dataset {dataset}.*--tasks local"):
         make_task(name).prepare(tokenizer)
 
@@ -150,7 +150,7 @@ def test_hub_mmlu_machinery_on_a_stand_in_dataset(tiny_lm, monkeypatch):
     import lm_eval.api.task
 
     monkeypatch.setattr(lm_eval.api.task.datasets, "load_dataset", _fake_hub(by_subject))
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=2.0: True)
+    monkeypatch.setattr(hub, "reachable", lambda timeout=2.0: True)
     task = make_task("mmlu-0shot")
     task.prepare(tiny_lm.tokenizer)
     res = task.evaluate(tiny_lm.model, tiny_lm.tokenizer)
@@ -168,7 +168,7 @@ def test_hub_qa_task_on_a_stand_in_dataset(tiny_lm, monkeypatch):
 
     monkeypatch.setattr(lm_eval.api.task.datasets, "load_dataset",
                         _fake_hub({("baber/piqa", None): {"train": rows, "validation": rows, "test": rows}}))
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=2.0: True)
+    monkeypatch.setattr(hub, "reachable", lambda timeout=2.0: True)
     task, res = evaluate("qa-piqa", tiny_lm)
     assert set(res) == {"acc", "acc_norm"} and all(0 <= v <= 1 for v in res.values())
 
@@ -203,7 +203,7 @@ def test_hub_longbench_task_middle_truncates_on_a_stand_in_dataset(tiny_lm, monk
 
     monkeypatch.setattr(lm_eval.api.task.datasets, "load_dataset",
                         _fake_hub({("Xnhyacinth/LongBench", "qasper"): {"test": rows}}))
-    monkeypatch.setattr(models, "hub_reachable", lambda timeout=2.0: True)
+    monkeypatch.setattr(hub, "reachable", lambda timeout=2.0: True)
     seen = []
     real = lmeval.middle_truncate
 

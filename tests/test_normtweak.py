@@ -10,7 +10,7 @@ from quantbench import normtweak as nt
 from quantbench.data import Calibration
 from quantbench.errors import ConfigError
 from quantbench.quant import parse_scheme
-from quantbench.registry import METHODS
+from quantbench.pipeline import resolve
 
 from helpers import tiny_lm
 
@@ -73,17 +73,18 @@ def test_only_norm_parameters_change_while_tweaking(monkeypatch):
     seen = []
     orig = NormTweak._tweak
 
-    def spy(self, qm, i, block, runner, targets, lr):
+    def spy(self, qm, ctx, targets, lr):
+        block = ctx.block
         before = {n: p.detach().clone() for n, p in block.named_parameters()}
-        plan = {n: qm.linears[n].weight.codes.clone() for n in qm.linears if n.startswith(f"model.layers.{i}.")}
-        out = orig(self, qm, i, block, runner, targets, lr)
+        plan = {n: qm.linears[n].weight.codes.clone() for n in qm.linears if n.startswith(ctx.prefix)}
+        out = orig(self, qm, ctx, targets, lr)
         changed = {n for n, p in block.named_parameters() if not torch.equal(p, before[n])}
         same_plan = all(torch.equal(qm.linears[n].weight.codes, c) for n, c in plan.items())
         seen.append((changed, same_plan))
         return out
 
     monkeypatch.setattr(NormTweak, "_tweak", spy)
-    METHODS.get("gptq+normtweak")(nt_lr=1e-3).quantize(tiny_lm(), parse_scheme("w3a16"), _calib())
+    resolve("gptq+normtweak")(nt_lr=1e-3).quantize(tiny_lm(), parse_scheme("w3a16"), _calib())
     assert len(seen) == 2
     for changed, same_plan in seen:
         assert changed == {"input_layernorm.weight", "post_attention_layernorm.weight"} and same_plan
@@ -95,12 +96,12 @@ def test_only_norm_parameters_change_while_tweaking(monkeypatch):
     ("quarot+smoothquant+gptq", "two transforms"), ("nope+gptq", "unknown method 'nope'")])
 def test_invalid_pipelines_are_clear_errors(name, msg):
     with pytest.raises(ConfigError, match=msg):
-        METHODS.get(name)
+        resolve(name)
 
 
 def test_a_plugin_alone_is_a_clear_error():
     with pytest.raises(ConfigError, match="plug-in: put a base method before it"):
-        METHODS.get("normtweak")()
+        resolve("normtweak")()
 
 
 def _weights(qm):
@@ -109,8 +110,8 @@ def _weights(qm):
 
 def test_quarot_gptq_is_the_pipeline_quarot_plus_gptq():
     calib = _calib()
-    named = METHODS.get("quarot-gptq")().quantize(tiny_lm(), parse_scheme("w4a4"), calib)
-    piped = METHODS.get("quarot+gptq")().quantize(tiny_lm(), parse_scheme("w4a4"), calib)
+    named = resolve("quarot-gptq")().quantize(tiny_lm(), parse_scheme("w4a4"), calib)
+    piped = resolve("quarot+gptq")().quantize(tiny_lm(), parse_scheme("w4a4"), calib)
     assert named.info["pipeline"] == ["quarot", "gptq"] and named.info["weights"] == "gptq"
     assert all(torch.equal(a, b) for a, b in zip(_weights(named).values(), _weights(piped).values()))
 
@@ -121,7 +122,7 @@ def test_pipeline_equals_running_its_parts_by_hand():
 
     calib, scheme = _calib(), parse_scheme("w3a16")
     lm_a, lm_b = tiny_lm(), tiny_lm()
-    piped = METHODS.get("gptq+normtweak")(nt_lr=1e-3).quantize(lm_a, scheme, calib)
+    piped = resolve("gptq+normtweak")(nt_lr=1e-3).quantize(lm_a, scheme, calib)
     base = GPTQ()
     by_hand = base.prepare(lm_b, scheme, calib)
     NormTweak(nt_lr=1e-3, _in_pipeline=True).run(lm_b, by_hand, base, calib)
@@ -133,8 +134,8 @@ def test_pipeline_equals_running_its_parts_by_hand():
 
 def test_normtweak_with_no_steps_is_exactly_its_base():
     calib, scheme = _calib(), parse_scheme("w3a16")
-    plain = METHODS.get("gptq")().quantize(tiny_lm(), scheme, calib)
-    piped = METHODS.get("gptq+normtweak")(nt_epochs=0).quantize(tiny_lm(), scheme, calib)
+    plain = resolve("gptq")().quantize(tiny_lm(), scheme, calib)
+    piped = resolve("gptq+normtweak")(nt_epochs=0).quantize(tiny_lm(), scheme, calib)
     assert all(torch.equal(a, b) for a, b in zip(_weights(plain).values(), _weights(piped).values()))
 
 
@@ -142,7 +143,7 @@ def test_normtweak_with_no_steps_is_exactly_its_base():
 def test_plugin_on_weight_and_activation_methods(name, scheme):
     """On W+A bases the tweak trains through the fake-quantized block (activations and Q/K/V quantized)."""
     lm = tiny_lm()
-    m = METHODS.get(name)(nt_lr=1e-3)
+    m = resolve(name)(nt_lr=1e-3)
     qm = m.quantize(lm, parse_scheme(scheme, m.specs()), _calib())
     assert qm.info["pipeline"] == name.split("+") and qm.info["normtweak"]["loss"] == "authors"
     assert all(v is not None and math.isfinite(v) for v in qm.info["normtweak"]["mean_loss"].values())
@@ -152,7 +153,7 @@ def test_plugin_on_weight_and_activation_methods(name, scheme):
 def test_half_precision_models_are_tweaked_in_fp32_and_cast_back():
     lm = tiny_lm()
     lm.model.to(torch.bfloat16)
-    qm = METHODS.get("rtn+normtweak")(nt_lr=1e-2).quantize(lm, parse_scheme("w4a16"), _calib())
+    qm = resolve("rtn+normtweak")(nt_lr=1e-2).quantize(lm, parse_scheme("w4a16"), _calib())
     norms = [p for n, p in lm.model.named_parameters() if "layernorm" in n]
     assert all(p.dtype == torch.bfloat16 for p in lm.model.parameters())
     assert any(not torch.equal(p, torch.ones_like(p)) for p in norms)

@@ -12,7 +12,7 @@ from quantbench import models, offload
 from quantbench.backends.fake_quant import realize
 from quantbench.errors import ConfigError
 from quantbench.quant import parse_scheme
-from quantbench.registry import METHODS
+from quantbench.pipeline import resolve
 from quantbench.results import ResultStore, without_timings
 from quantbench.runner import RunConfig, run
 from quantbench.tasks import make_task
@@ -23,7 +23,7 @@ SMALL = {"cpu": 1_300_000}  # bytes: the embeddings fit, the decoder blocks and 
 def test_dispatched_model_computes_the_same_and_gives_its_weights_back(ids, tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
     lm = models.load("tiny-llama")
-    m = METHODS.get("rtn")()
+    m = resolve("rtn")()
     model = realize(m.quantize(lm, parse_scheme("w4a4kv4", m.specs()), None))
     with torch.no_grad():
         ref = model(input_ids=ids).logits

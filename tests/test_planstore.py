@@ -1,5 +1,6 @@
 """Calibrated plans cached on disk (quantbench.planstore): a restored plan is the calibrated one, tensor for tensor,
 for every calibrating method; a damaged or foreign entry is rebuilt; a code change is a new key."""
+import hashlib
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from quantbench.backends.fake_quant import realize
 from quantbench.data import Calibration
 from quantbench.plan import plain_plan
 from quantbench.quant import override_specs, parse_scheme
-from quantbench.registry import METHODS
+from quantbench.pipeline import resolve
 from quantbench.results import ResultStore, without_timings
 from quantbench.runner import RunConfig, calibration_config, run
 from quantbench.tasks import make_task
@@ -26,8 +27,19 @@ def plans_on(monkeypatch, tmp_path):
     monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
 
 
+def _digests(model):
+    """Content digest of every state-dict tensor: the test's oracle of what a method changed."""
+    out = {}
+    for k, t in model.state_dict().items():
+        t = t.detach().contiguous().cpu()
+        h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+        out[k] = h.hexdigest()
+    return out
+
+
 def _quantize(name, method, scheme, options):
-    m = METHODS.get(method)(**options)
+    m = resolve(method)(**options)
     lm = models.load(name)
     sch = parse_scheme(scheme, override_specs(m.specs(), {}))
     calib = Calibration(lm.tokenizer, **calibration_config(m, CAL), lm=lm)
@@ -45,10 +57,14 @@ def _quantize(name, method, scheme, options):
 ])
 def test_restored_plan_is_the_calibrated_one(name, method, scheme, options, ids):
     m, lm, sch, calib = _quantize(name, method, scheme, options)
-    before = planstore.digests(lm.model)
+    before = _digests(lm.model)
     qm = m.quantize(lm, sch, calib)
-    state = planstore.to_state(qm, before)
-    assert state["tensors"] or state["from_codes"]  # every calibrating method changes the model
+    changed = {k for k, d in _digests(qm.model).items() if d != before[k]}
+    assert changed, "every calibrating method changes the model"
+    declared = set(lm.adapter.tensor_names(m.modifies))
+    assert changed <= declared, f"{method} changed tensors it does not declare: {sorted(changed - declared)[:4]}"
+    state = planstore.to_state(qm, m.modifies)
+    assert set(state["tensors"]) | set(state["from_codes"]) == declared
     fresh = models.load(name)
     back = planstore.restore(plain_plan(fresh, sch), state)
     a, b = qm.model.state_dict(), back.model.state_dict()
@@ -77,11 +93,10 @@ def test_restored_plan_is_the_calibrated_one(name, method, scheme, options, ids)
 def test_tied_embedding_kept_tied_and_broken_tie_kept_broken():
     _, lm, sch, calib = _quantize("tiny-llama", "quarot-gptq", "w4a16", {})
     lm.model.lm_head.weight = lm.model.model.embed_tokens.weight  # tie, as SmolLM2 is
-    before = planstore.digests(lm.model)
-    qm = METHODS.get("quarot-gptq")().quantize(lm, sch, calib)  # untie + rotate both differently
+    qm = resolve("quarot-gptq")().quantize(lm, sch, calib)  # untie + rotate both differently
     fresh = models.load("tiny-llama")
     fresh.model.lm_head.weight = fresh.model.model.embed_tokens.weight
-    back = planstore.restore(plain_plan(fresh, sch), planstore.to_state(qm, before))
+    back = planstore.restore(plain_plan(fresh, sch), planstore.to_state(qm, resolve("quarot-gptq").modifies))
     assert back.model.lm_head.weight is not back.model.model.embed_tokens.weight
     assert torch.equal(back.model.lm_head.weight, qm.model.lm_head.weight)
     assert torch.equal(back.model.model.embed_tokens.weight, qm.model.model.embed_tokens.weight)
@@ -114,8 +129,7 @@ def test_second_run_reads_the_plan_and_writes_the_same_record(plans_on, tmp_path
 
 def test_a_plan_for_another_scheme_or_model_is_refused_before_touching_the_model(plans_on):
     m, lm, sch, calib = _quantize("tiny-llama", "gptq", "w4a16", {})
-    before = planstore.digests(lm.model)
-    state = planstore.to_state(m.quantize(lm, sch, calib), before)
+    state = planstore.to_state(m.quantize(lm, sch, calib), m.modifies)
     other = tiny_lm("tiny-llama", intermediate_size=384)  # same layers, other shapes
     ref = {k: v.clone() for k, v in other.model.state_dict().items()}
     with pytest.raises(ValueError):

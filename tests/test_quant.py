@@ -167,3 +167,20 @@ def test_qtensor_state_round_trip_packs_low_bit_codes(spec):
     back = QTensor.from_state(d)
     assert torch.equal(back.codes, q.codes) and back.codes.dtype == q.codes.dtype and back.spec == q.spec
     assert torch.equal(back.scale, q.scale) and d["codes"].numel() == (53 if spec.bits <= 4 else 105)
+
+
+# exact .5 ties: absmax 7 gives the sym grid scale exactly 1 (and minmax over [-1, 14] scale 1, zero 1), so
+# x / scale lands on k + 0.5; torch.round (half to even, as every reference repo) and half-up disagree there
+TIES = torch.tensor([[7.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5]])
+TIES_MINMAX = torch.tensor([[-1.0, 14.0, 0.5, 1.5, 2.5, -0.5, 4.5, 5.5]])
+
+
+def test_exact_ties_round_half_to_even_in_quantize_and_fake_quant():
+    q = quantize(TIES, QuantSpec(4, "sym", "channel"))
+    assert q.scale.item() == 1.0
+    assert q.codes.tolist() == [[7, 0, 2, 2, 0, -2, -2, 4]]  # half up would give 1, 2, 3, 0, -1, -2, 4
+    assert fake_quant(TIES, QuantSpec(4, "sym", "channel")).tolist() == [[7, 0, 2, 2, 0, -2, -2, 4]]
+    m = quantize(TIES_MINMAX, QuantSpec(4, "minmax", "channel"))
+    assert (m.scale.item(), m.zero.item()) == (1.0, 1.0)
+    assert m.codes.tolist() == [[0, 15, 1, 3, 3, 1, 5, 7]]  # round(x) + 1 with round(.5) = 0, round(2.5) = 2 ...
+    assert fake_quant(TIES_MINMAX, QuantSpec(4, "minmax", "channel")).tolist() == [[-1, 14, 0, 2, 2, 0, 4, 6]]

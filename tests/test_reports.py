@@ -213,12 +213,12 @@ def test_cost_table_puts_the_papers_times_and_speedups_beside_ours():
     """DuQuant Tables 9, 10, 12: our calibrated record's quantization time (a cached plan's does not count) and the
     layer benchmark's speedup; another GPU is marked ≠."""
     from quantbench.quant import parse_scheme
-    from quantbench.registry import METHODS
+    from quantbench.pipeline import resolve
     from quantbench.reports import site
     from quantbench.reports.papers import COSTS
 
     for c in COSTS:  # every cost names a registered method and a valid scheme
-        METHODS.get(c.method), parse_scheme(c.scheme)
+        resolve(c.method), parse_scheme(c.scheme)
     recs = [_record("llama-2-7b", "duquant", "w4a4q4kv4", "ppl-wikitext2", 6.3, papers.WIKI, quant_wall_s=48.0,
                     device={"kind": "cuda", "name": "NVIDIA A100-SXM4-80GB"}, created="1"),
             _record("llama-2-7b", "duquant", "w4a4q4kv4", "ppl-c4", 7.9, papers.C4["duquant-seed20"], quant_wall_s=0.5,

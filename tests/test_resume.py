@@ -8,17 +8,17 @@ from quantbench.backends.fake_quant import realize
 from quantbench.data import Calibration
 from quantbench.layerwise import BlockCheckpoint
 from quantbench.quant import parse_scheme
-from quantbench.registry import METHODS
+from quantbench.pipeline import resolve
 from quantbench.runner import calibration_config
 
 CAL = {"corpus": "austen", "nsamples": 2, "seqlen": 64}
 
 
 def _quantize(method, scheme, options, key=None):
-    m = METHODS.get(method)(**options)
-    m.run_key = key
+    m = resolve(method)(**options)
     lm = models.load("tiny-mistral")
-    return m.quantize(lm, parse_scheme(scheme, m.specs()), Calibration(lm.tokenizer, **calibration_config(m, CAL)))
+    return m.quantize(lm, parse_scheme(scheme, m.specs()), Calibration(lm.tokenizer, **calibration_config(m, CAL)),
+                      key=key)
 
 
 @pytest.mark.parametrize("method,scheme,options,tag", [
@@ -53,8 +53,8 @@ def test_killed_run_resumes_after_its_last_finished_block(method, scheme, option
     info = resumed.info
     assert [0] in (info.get("resumed_blocks"), info.get("gptq_resumed_blocks"), info.get("normtweak", {}).get(
         "resumed_blocks"))
-    a = planstore.to_state(full, planstore.digests(full.model))
-    b = planstore.to_state(resumed, planstore.digests(resumed.model))
+    a = planstore.to_state(full, resolve(method).modifies)
+    b = planstore.to_state(resumed, resolve(method).modifies)
     for n, d in a["linears"].items():
         e = b["linears"][n]
         assert all(torch.equal(d["weight"][k], e["weight"][k]) for k in ("codes", "scale")), n

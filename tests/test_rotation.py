@@ -6,9 +6,10 @@ import torch
 
 from quantbench import models
 from quantbench.backends.fake_quant import realize
-from quantbench.plan import AttentionPlan, QuantizedModel, online_view
+from quantbench.plan import AttentionPlan, QuantizedModel
+from quantbench.simulate import online_view
 from quantbench.quant import QuantSpec, fake_quant, parse_scheme
-from quantbench.registry import METHODS
+from quantbench.pipeline import resolve
 from quantbench.rotation import fuse_norms, rotate
 from quantbench.transforms import Hadamard
 
@@ -17,7 +18,7 @@ from helpers import logits, randomize_norms, tiny_lm
 
 def assert_invariant(lm, ids, **opts):
     ref = logits(lm.model, ids)
-    qm = METHODS.get("quarot")(**opts).quantize(lm, parse_scheme("w16a16"), None)
+    qm = resolve("quarot")(**opts).quantize(lm, parse_scheme("w16a16"), None)
     out = logits(realize(qm), ids)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     return qm
@@ -60,7 +61,7 @@ def test_online_view_equals_original_and_embed_mean_quirk_does_not(ids):
         torch.testing.assert_close(logits(lm.model, ids), ref, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(logits(lm.model, ids), ref, atol=1e-3)  # restored: transforms off again
     lm2 = tiny_lm()
-    qm2 = METHODS.get("quarot")(embed_mean=True).quantize(lm2, parse_scheme("w16a16"), None)
+    qm2 = resolve("quarot")(embed_mean=True).quantize(lm2, parse_scheme("w16a16"), None)
     assert qm2.info["embed_mean_subtracted"]
     assert not torch.allclose(logits(realize(qm2), ids), ref, atol=1e-3)  # QuaRot issue #7: not exact for RMSNorm
 
@@ -87,7 +88,7 @@ def test_kv_granularity_token_is_across_heads_group_is_per_head():
 
 def test_quarot_plan_shape_and_paper_clips():
     lm = tiny_lm()
-    m = METHODS.get("quarot")(clips="paper")
+    m = resolve("quarot")(clips="paper")
     scheme = parse_scheme("w4a4kv4", m.specs())
     assert scheme.a.clip_ratio == 0.9 and scheme.k.clip_ratio == 0.95 and scheme.v.grid == "asym"
     qm = m.quantize(lm, scheme, None)
@@ -95,7 +96,7 @@ def test_quarot_plan_shape_and_paper_clips():
     assert all(p.weight is not None and p.act == scheme.a for p in qm.linears.values())
     assert [type(t).__name__ for t in qm.linears["model.layers.0.mlp.down_proj"].pre] == ["Hadamard"]
     assert qm.attention[0].q is None and qm.attention[0].qk_pre is not None  # QuaRot keeps Q in FP16
-    code = parse_scheme("w4a4", METHODS.get("quarot")().specs())
+    code = parse_scheme("w4a4", resolve("quarot")().specs())
     assert code.a.clip_ratio == 1.0
 
 
@@ -103,11 +104,11 @@ def test_bad_quarot_options_are_clear_errors():
     from quantbench.errors import ConfigError
 
     with pytest.raises(ConfigError, match="rotate_mode='bogus'.*hadamard, random"):
-        METHODS.get("quarot")(rotate_mode="bogus")
+        resolve("quarot")(rotate_mode="bogus")
     with pytest.raises(ConfigError, match="has no option act_order"):
-        METHODS.get("quarot")(act_order=True)
+        resolve("quarot")(act_order=True)
     with pytest.raises(ConfigError, match="not a boolean"):
-        METHODS.get("quarot-gptq")(act_order="maybe")
+        resolve("quarot-gptq")(act_order="maybe")
 
 
 @pytest.mark.slow

@@ -48,7 +48,7 @@ def test_smoothing_and_let_fusions_are_exact_on_smollm2():
     from quantbench.backends.fake_quant import realize
     from quantbench.methods.omniquant import OmniQuant
     from quantbench.quant import parse_scheme
-    from quantbench.registry import METHODS
+    from quantbench.pipeline import resolve
 
     lm = models.load("smollm2-135m")
     ids = torch.randint(0, lm.model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
@@ -58,7 +58,7 @@ def test_smoothing_and_let_fusions_are_exact_on_smollm2():
     class Calib:
         windows = ids
 
-    qm = METHODS.get("smoothquant")().quantize(lm, parse_scheme("w16a16"), Calib)
+    qm = resolve("smoothquant")().quantize(lm, parse_scheme("w16a16"), Calib)
     with torch.no_grad():
         torch.testing.assert_close(realize(qm)(ids).logits, ref, rtol=1e-4, atol=1e-4)
     g = torch.Generator().manual_seed(1)
@@ -96,7 +96,7 @@ def test_duquant_is_fp_exact_on_smollm2_for_batch_1_and_3():
     from quantbench.backends.fake_quant import realize
     from quantbench.data import Calibration
     from quantbench.quant import parse_scheme
-    from quantbench.registry import METHODS
+    from quantbench.pipeline import resolve
 
     lm = models.load("smollm2-135m")
     ids = Calibration(lm.tokenizer, "austen", 3, 64, 9).windows
@@ -106,7 +106,7 @@ def test_duquant_is_fp_exact_on_smollm2_for_batch_1_and_3():
     class Calib:
         windows = Calibration(lm.tokenizer, "austen", 2, 128, 2).windows
 
-    qm = METHODS.get("duquant")(steps=32).quantize(lm, parse_scheme("w16a16"), Calib)
+    qm = resolve("duquant")(steps=32).quantize(lm, parse_scheme("w16a16"), Calib)
     assert qm.info["block_size_used"] == 64  # 576 = 9 x 64: 128 does not divide it
     model = realize(qm)
     with torch.no_grad():

@@ -5,11 +5,13 @@ import torch
 
 from quantbench import models
 from quantbench.backends.fake_quant import realize
-from quantbench.blocktrain import QLinearView, install, train, uninstall
+from quantbench.blocktrain import QLinearView, train
 from quantbench.data import Calibration
-from quantbench.layerwise import BlockCheckpoint, Layerwise
+from quantbench.layerwise import BlockCheckpoint, run_blocks
+from quantbench.plan import plain_plan
+from quantbench.simulate import swap_modules
 from quantbench.quant import LearnableClip, QuantSpec, fake_quant, parse_scheme
-from quantbench.registry import METHODS
+from quantbench.pipeline import resolve
 from quantbench.stats import activation_stats
 
 from helpers import logits, randomize_norms, tiny_lm
@@ -23,7 +25,7 @@ def windows():
 def test_smoothquant_fusion_is_exact(tiny, windows):
     randomize_norms(tiny.model)
     ref = logits(tiny.model, windows)
-    qm = METHODS.get("smoothquant")(alpha=0.7).quantize(tiny, parse_scheme("w16a16"), _calib(windows))
+    qm = resolve("smoothquant")(alpha=0.7).quantize(tiny, parse_scheme("w16a16"), _calib(windows))
     torch.testing.assert_close(logits(realize(qm), windows), ref, rtol=1e-4, atol=1e-4)
     ln1 = tiny.adapter.norms(tiny.adapter.blocks[0])[0]
     assert not torch.allclose(ln1.weight, torch.ones_like(ln1.weight))  # smoothing really happened
@@ -73,9 +75,9 @@ def test_let_fusion_and_training_view_are_exact(windows, kv_heads):
                 down=(None, None, None))
     from quantbench.adapters import LINEARS
 
-    orig = install(block, {LINEARS[r]: QLinearView(lin[r], None, None, None, *spec[r]) for r in lin})
+    restore = swap_modules(block, {LINEARS[r]: QLinearView(lin[r], None, None, None, *spec[r]) for r in lin})
     torch.testing.assert_close(logits(lm.model, windows), ref, rtol=1e-4, atol=1e-4)  # the view, quant off
-    uninstall(block, orig)
+    restore()
     OmniQuant._fuse(ad, block, p)
     torch.testing.assert_close(logits(lm.model, windows), ref, rtol=1e-4, atol=1e-4)  # fused in place
 
@@ -134,20 +136,25 @@ def test_layerwise_fp_stream_is_the_fp_model():
     ids = torch.randint(0, 1024, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         hidden = lm.model(ids, output_hidden_states=True).hidden_states
-    runner = Layerwise(lm.adapter, ids, fp_stream=True)
-    for i, block in runner:
-        out = torch.cat(runner.fp_targets)
-        if i + 1 == len(lm.adapter.blocks):  # HF's last hidden state has the final norm applied
+    seen = []
+
+    def step(ctx):
+        out = torch.cat(ctx.fp_targets)
+        if ctx.index + 1 == len(lm.adapter.blocks):  # HF's last hidden state has the final norm applied
             out = lm.adapter.final_norm(out)
-        torch.testing.assert_close(out, hidden[i + 1], rtol=1e-5, atol=1e-5)
-        runner.set_outputs([x * 0 for x in runner.inputs])  # the quantized stream may diverge freely
-    assert all((x == 0).all() for x in runner.inputs)
+        torch.testing.assert_close(out, hidden[ctx.index + 1], rtol=1e-5, atol=1e-5)
+        if ctx.index:
+            assert all((x == 0).all() for x in ctx.inputs)  # what the previous step set as its outputs
+        seen.append(ctx.index)
+        ctx.outputs = [x * 0 for x in ctx.inputs]  # the quantized stream may diverge freely
+
+    run_blocks(plain_plan(lm, parse_scheme("w4a16")), ids, step, fp_stream=True)
+    assert seen == [0, 1]
 
 
 def _omni(lm, windows, run_key=None, **opts):
-    m = METHODS.get("omniquant")(**{"epochs": 2, **opts})
-    m.run_key = run_key
-    return m.quantize(lm, parse_scheme("w4a4q4kv4", m.specs()), _calib(windows))
+    m = resolve("omniquant")(**{"epochs": 2, **opts})
+    return m.quantize(lm, parse_scheme("w4a4q4kv4", m.specs()), _calib(windows), key=run_key)
 
 
 def test_omniquant_training_helps_and_records_what_it_did(windows):
@@ -162,7 +169,7 @@ def test_omniquant_training_helps_and_records_what_it_did(windows):
     assert all(p.weight is not None and p.weight.spec.grid == "minmax" for p in qm.linears.values())
     assert qm.attention[0].k.granularity == "head" and qm.attention[0].q.bits == 4
     assert all(loss is not None for loss in qm.info["final_loss"].values())
-    m = METHODS.get("omniquant")(epochs=1)
+    m = resolve("omniquant")(epochs=1)
     wo = m.quantize(models.load("tiny-llama"), parse_scheme("w4a16", m.specs()), _calib(windows))
     assert wo.info["let"] == [] and wo.info["weights"] == "omniquant (LWC)"  # weight-only: LWC alone
 

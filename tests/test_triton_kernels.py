@@ -18,8 +18,9 @@ from quantbench.backends import int4  # noqa: E402
 from quantbench.backends.triton_int4 import fuse, kernels  # noqa: E402
 from quantbench.errors import ConfigError  # noqa: E402
 from quantbench.quant import QuantSpec, fake_quant, parse_scheme, quantize  # noqa: E402
-from quantbench.registry import BACKENDS, METHODS  # noqa: E402
-from quantbench.transforms import BlockRotation, Hadamard, HeadHadamard, Permute, Scale  # noqa: E402
+from quantbench.pipeline import resolve  # noqa: E402
+from quantbench.registry import BACKENDS  # noqa: E402
+from quantbench.transforms import DuQuantRotation, Hadamard, HeadHadamard, Rotation, Scale  # noqa: E402
 
 K = kernels()
 os.environ.setdefault("QUANTBENCH_AUTOTUNE", "0")  # GPU: fixed tiles here (the tile test covers the tuned shapes)
@@ -91,22 +92,24 @@ def _online(name, k):
     permutation round, only partly fused), QuaRot's Hadamards of K * 2^m sizes (SmolLM2's 576 = 36·16 and
     1536 = 12·128; 11008 = 172·64 for LLaMA-2-7B's down_proj) and its head Hadamard."""
     g = torch.Generator().manual_seed(k)
-    perm = lambda: Permute(torch.randperm(k, generator=g))  # noqa: E731
-    return {"duquant": lambda: [BlockRotation(_orth(64, g)), perm(), BlockRotation(_orth(64, g))],
-            "duquant+smooth": lambda: [Scale(torch.rand(k, generator=g) + 0.5), BlockRotation(_orth(64, g)), perm(),
-                                       BlockRotation(_orth(64, g))],
-            "duquant-2perm": lambda: [BlockRotation(_orth(64, g)), perm(), BlockRotation(_orth(64, g)), perm(),
-                                      BlockRotation(_orth(64, g))],
+
+    def duq(perms):  # G = R1 · P1 · R2 (· P2 · R3)
+        return DuQuantRotation(torch.stack([_orth(64, g) for _ in range(perms + 1)]),
+                               torch.stack([torch.randperm(k, generator=g) for _ in range(perms)]))
+
+    return {"duquant": lambda: [duq(1)], "duquant+smooth": lambda: [Scale(torch.rand(k, generator=g) + 0.5), duq(1)],
+            "duquant-2perm": lambda: [duq(2)], "rotation-only": lambda: [duq(0)],
             "hadamard": lambda: [Hadamard(k)], "head-hadamard": lambda: [HeadHadamard(k // 64, 64)]}[name]()
 
 
 @pytest.mark.parametrize("name,k,left_in_torch", [
-    ("duquant", 192, 0), ("duquant+smooth", 256, 0), ("duquant-2perm", 128, 2), ("hadamard", 576, 0),
+    ("duquant", 192, 0), ("duquant+smooth", 256, 0), ("duquant-2perm", 128, 2), ("rotation-only", 128, 0),
+    ("hadamard", 576, 0),
     ("hadamard", 1536, 0), ("hadamard", 11008, 0), ("hadamard", 256, 0), ("head-hadamard", 256, 0)])
 def test_fused_online_transform_equals_the_plans_transform(name, k, left_in_torch):
     """``fuse`` splits a plan's online transform into (PyTorch rest, ``block_mix`` stage 1, ``rotate_quant``'s
     rotation); composed, they equal the transform to fp32 rounding (1e-5 relative), and the quantized codes equal the
-    reference's except at rounding ties (kernels.md §6.3 K1a/K1b)."""
+    reference's except at rounding ties (docs/kernels.md, stages 1 and 2)."""
     pre = _online(name, k)
     rest, mix, rot = fuse(pre)
     assert len(rest) == left_in_torch and (rot is None) == (name == "head-hadamard")
@@ -229,14 +232,19 @@ def test_speed_bench_code_runs_in_the_interpreter():
     assert mod.row("o", 4096, 4096, 2048, "rotate_quant", 0.1, None, 0.2)["speedup vs bf16"] == "50% of bf16"
 
 
-def _realized(method, scheme, backend, device="cpu", **opts):
+def _plan(method, scheme, device="cpu", **opts):
     lm = models.load("tiny-llama", seed=0)
-    m = METHODS.get(method)(**opts)
+    m = resolve(method)(**opts)
     from quantbench.data import Calibration
 
     calib = Calibration(lm.tokenizer, "austen", nsamples=2, seqlen=64, seed=0) if m.needs_calibration else None
     qm = m.quantize(lm, parse_scheme(scheme, m.specs()), calib)
     qm.model.to(device)
+    return qm
+
+
+def _realized(method, scheme, backend, device="cpu", **opts):
+    qm = _plan(method, scheme, device, **opts)
     _realized.last = qm
     return BACKENDS.get(backend)(qm)
 
@@ -251,7 +259,7 @@ def test_triton_backend_agrees_with_fake_quant_end_to_end(method, scheme, ids):
     GPU, see ``bound``). The logits agree to 1e-4 where no 4-bit
     activation rounding flips on the ~1e-7 differences (fp32 summation order) between the paths: QuaRot W4A4
     here flips one, and the logits then differ by 5.7e-2 (with fusion or without it), so they are held to 0.1."""
-    from quantbench.backends.fake_quant import FakeQuantLinear
+    from quantbench.simulate import FakeQuantLinear
 
     ref = logits(_realized(method, scheme, "fake_quant"), ids)
     mod = _realized(method, scheme, "triton", DEV)
@@ -311,11 +319,11 @@ def test_smollm2_ppl_on_triton_equals_fake_quant(scheme, tmp_path):
 def test_smollm2_w4a4_layers_on_real_activations_match_fake_quant():
     """Every linear of block 0 and the down_proj of blocks 1-3 (massive activations) on real SmolLM2 inputs:
     the triton W4A4 layer equals the fake-quant one to 1e-6 relative."""
-    from quantbench.backends.fake_quant import FakeQuantLinear
+    from quantbench.simulate import FakeQuantLinear
     from quantbench.backends.triton_int4 import TritonLinear
 
     lm = models.load("smollm2-135m")
-    m = METHODS.get("rtn")()
+    m = resolve("rtn")()
     qm = m.quantize(lm, parse_scheme("w4a4", m.specs()), None)
     names = [n for n in qm.linears if n.startswith("model.layers.0.")] + \
         [f"model.layers.{i}.mlp.down_proj" for i in (1, 2, 3)]
@@ -361,3 +369,26 @@ def test_layer_speed_bench_code_runs_in_the_interpreter(monkeypatch):
             assert name == "bf16" or all(len(m.pre) == 0 for m in lins)
             err = ((layer(inp, kv) - ref).norm() / (ref - inp).norm()).item()
             assert err < (0.3 if name == "w4a16 g128" else 0.5), (name, err)  # measured 0.18-0.20 / 0.26-0.34
+
+
+def test_a_transform_without_a_fused_kernel_is_said_and_still_exact(caplog):
+    """A plan transform the kernels have no fusion for (a dense rotation) runs in PyTorch before them: logged once
+    when the model is realized, shown in the module's repr, and the layer still equals its fake-quant twin."""
+    from quantbench.simulate import FakeQuantLinear
+
+    qm = _plan("rtn", "w4a4")
+    name = "model.layers.0.mlp.down_proj"
+    lin = qm.model.get_submodule(name)
+    m = torch.linalg.qr(torch.randn(lin.in_features, lin.in_features, generator=torch.Generator().manual_seed(0),
+                                    dtype=torch.float64))[0].float()
+    plan = qm.linears[name]
+    plan.pre = [Scale(torch.rand(lin.in_features) + 0.5), Rotation(m)]
+    plan.weight = quantize(plan.pre[1].fold(plan.pre[0].fold(lin.weight.detach())), plan.weight.spec)
+    twin = FakeQuantLinear(lin, plan)
+    with caplog.at_level("WARNING"):
+        model = BACKENDS.get("triton")(qm)
+    assert "run Scale -> Rotation in PyTorch before the kernels" in caplog.text
+    mod = model.get_submodule(name)
+    assert "in torch first: ['Scale', 'Rotation']" in repr(mod)
+    x = outliers(5, lin.in_features, seed=3).to(DEV)
+    assert rel(mod(x), twin.to(DEV)(x)) < 1e-3

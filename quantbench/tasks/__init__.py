@@ -1,49 +1,10 @@
 """Evaluation tasks. ``make_task("ppl-austen", seqlen=2048)`` -> a :class:`Task` with a protocol label.
 
-A task family registers a factory in ``TASKS`` under its prefix (``ppl``, ``qa``, ``mmlu``, ``longbench``,
-``rolling``); a task name is ``<prefix>-<arg>``; :data:`GROUPS` names sets of tasks (``qa``, ``mmlu``, ``local``).
+The interface lives in :mod:`quantbench.tasks.base`; importing this package registers the families: perplexity
+(:mod:`~quantbench.tasks.ppl`), the lm-eval bridge (:mod:`~quantbench.tasks.lmeval`) and the shipped offline tasks
+(:mod:`~quantbench.tasks.local`).
 """
-from __future__ import annotations
+from quantbench.tasks import lmeval, local, ppl  # noqa: F401  (register)
+from quantbench.tasks.base import GROUPS, Task, expand, make_task
 
-from dataclasses import dataclass, field
-from typing import ClassVar
-
-from quantbench.errors import ConfigError
-from quantbench.registry import TASKS
-
-
-@dataclass
-class Task:
-    name: str
-    protocol: str  # e.g. ppl/gptq/austen-test/seqlen2048
-    config: dict  # everything that determines the value (enters the config hash)
-    run_options: dict = field(default_factory=dict)  # recorded, not hashed (batch size: value-neutral)
-    metrics: ClassVar[tuple[str, ...]] = ()  # metric names ``evaluate`` returns
-
-    def prepare(self, tokenizer) -> None:
-        """Load and tokenize the task's data (before any quantization, so a missing dataset fails fast)."""
-
-    def evaluate(self, model, tokenizer) -> dict[str, float]:  # pragma: no cover - interface
-        raise NotImplementedError
-
-
-def make_task(name: str, **options) -> Task:
-    if name in GROUPS:
-        raise ConfigError(f"{name!r} is a group of tasks ({', '.join(GROUPS[name])}): expand it with expand()")
-    prefix, _, arg = name.partition("-")
-    if prefix not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; known families: {', '.join(f'{p}-<...>' for p in sorted(TASKS))}"
-                          f"; groups: {', '.join(GROUPS)} (e.g. ppl-austen, qa-piqa, mmlu-5shot, local)")
-    return TASKS[prefix](arg, **options)
-
-
-def expand(names: list[str]) -> list[str]:
-    """Task names with groups (``qa``, ``mmlu``, ``longbench``, ``ppl``, ``local``, ...) expanded, order kept."""
-    out: list[str] = []
-    for n in names:
-        out += GROUPS.get(n, [n])
-    return list(dict.fromkeys(out))
-
-
-from quantbench.tasks import local, ppl  # noqa: E402,F401  (register)
-from quantbench.tasks.lmeval import GROUPS  # noqa: E402
+__all__ = ["GROUPS", "Task", "expand", "make_task"]

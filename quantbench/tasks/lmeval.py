@@ -1,4 +1,4 @@
-"""Bridge to the pinned lm-eval (methods.md §5.3-5.5): evaluate the realized model in memory through ``HFLM``.
+"""Bridge to the pinned lm-eval: evaluate the realized model in memory through ``HFLM``.
 
 Every task is built by a ``TaskManager`` that indexes only the folders it needs (never the ~14k built-in YAMLs:
 ``include_defaults=False``), so a run starts in milliseconds. What determines a value enters the task config
@@ -14,7 +14,7 @@ Families (name ``<family>-<task>``):
   prompt to ``max_length`` tokens (THUDM/LongBench ``pred.py``; DuQuant: 3500 for Vicuna).
 
 The shipped, offline stand-ins (``mmlu-local``, ``qa-local``, ``rolling-austen``, ``longbench-local``) live in
-:mod:`quantbench.tasks.local` and run through the same bridge.
+:mod:`quantbench.tasks.local`, which registers their builders in :data:`SHIPPED`, and run through the same bridge.
 """
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ import math
 from importlib import metadata, resources
 from pathlib import Path
 
+from quantbench import hub
 from quantbench.errors import ConfigError, UnavailableError
 from quantbench.registry import TASKS
-from quantbench.tasks import Task
+from quantbench.tasks.base import GROUPS, Task
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,13 @@ LONGBENCH_SUBSETS = {
 }
 LONGBENCH_MAX_LENGTH = 3500  # DuQuant (Vicuna, KIVI setup); LongBench's own default for 4k-context Llama-2 chat
 LONGBENCH_MAX_GEN = 512  # the largest max_gen_toks of lm-eval's LongBench tasks
+SHIPPED: dict = {}  # family -> builder of its shipped offline task ("qa", "mmlu", "longbench"); quantbench.tasks.local
+
+
+def _shipped(family: str):
+    if family not in SHIPPED:
+        raise ConfigError(f"the shipped offline {family} task is not registered: import quantbench.tasks")
+    return SHIPPED[family]
 
 
 def builtin(folder: str) -> str:
@@ -131,9 +139,7 @@ class LmEvalTask(Task):
         self.dataset = dataset
 
     def _offline(self):
-        from quantbench.models import hub_reachable, offline_mode
-
-        return contextlib.nullcontext() if (not self.dataset or hub_reachable()) else offline_mode()
+        return contextlib.nullcontext() if (not self.dataset or hub.reachable()) else hub.offline_mode()
 
     def prepare(self, tokenizer) -> None:
         """Build the lm-eval tasks (this loads their data) so a missing dataset fails before quantization."""
@@ -214,9 +220,7 @@ def _check(batch_size: int, limit: int, max_length: int):
 def make_qa(arg: str, batch_size: int = 1, add_bos: bool = False, limit: int = 0, max_length: int = 2048,
             **_) -> Task:
     if arg == "local":
-        from quantbench.tasks.local import make_lastword
-
-        return make_lastword(batch_size=batch_size, add_bos=add_bos, limit=limit, max_length=max_length)
+        return _shipped("qa")(batch_size=batch_size, add_bos=add_bos, limit=limit, max_length=max_length)
     if arg not in QA:
         raise ConfigError(f"unknown QA task qa-{arg}; known: {', '.join('qa-' + t for t in [*QA, 'local'])}")
     _check(batch_size, limit, max_length)
@@ -268,9 +272,7 @@ def make_mmlu(arg: str, batch_size: int = 1, add_bos: bool = False, limit: int =
     k = parse_shots(parts[0] if parts else "")
     _check(batch_size, limit, max_length)
     if local:
-        from quantbench.tasks.local import make_mmlu_local
-
-        return make_mmlu_local(k, fmt, batch_size=batch_size, add_bos=add_bos, limit=limit, max_length=max_length)
+        return _shipped("mmlu")(k, fmt, batch_size=batch_size, add_bos=add_bos, limit=limit, max_length=max_length)
     folder, group, _ = MMLU_FORMATS[fmt]
     c = base_config("mmlu", "hub", "mmlu", num_fewshot=k, add_bos=add_bos, max_length=max_length, limit=limit,
                     format=fmt)
@@ -284,10 +286,8 @@ def make_mmlu(arg: str, batch_size: int = 1, add_bos: bool = False, limit: int =
 def make_longbench(arg: str, batch_size: int = 1, add_bos: bool = False, limit: int = 0,
                    longbench_max_length: int = LONGBENCH_MAX_LENGTH, passkey_lengths=None, **_) -> Task:
     if arg.startswith("local"):
-        from quantbench.tasks.local import PASSKEY_LENGTHS, make_passkey
-
-        return make_passkey(arg, batch_size=batch_size, add_bos=add_bos, limit=limit,
-                            lengths=passkey_lengths or PASSKEY_LENGTHS, longbench_max_length=longbench_max_length)
+        return _shipped("longbench")(arg, batch_size=batch_size, add_bos=add_bos, limit=limit,
+                                     lengths=passkey_lengths, longbench_max_length=longbench_max_length)
     if arg not in LONGBENCH:
         raise ConfigError(f"unknown LongBench task longbench-{arg}; known: "
                           f"{', '.join('longbench-' + t for t in [*LONGBENCH, 'local'])}")
@@ -301,7 +301,7 @@ def make_longbench(arg: str, batch_size: int = 1, add_bos: bool = False, limit: 
                       dataset=f"Xnhyacinth/LongBench {arg}")
 
 
-GROUPS = {
+GROUPS.update({
     "qa": [f"qa-{t}" for t in QA],
     "qa6": [f"qa-{t}" for t in DUQUANT_QA6],
     "mmlu": ["mmlu-0shot", "mmlu-5shot"],
@@ -312,7 +312,7 @@ GROUPS = {
     "mmlu-local": ["mmlu-local-0shot", "mmlu-local-5shot"],
     "mmlu-cloze": ["mmlu-cloze-0shot", "mmlu-cloze-5shot"],
     "mmlu-local-cloze": ["mmlu-local-cloze-0shot", "mmlu-local-cloze-5shot"],
-}
+})
 
 
 def hub_dir_exists(folder: str) -> bool:  # used by the tests: the pinned lm-eval still ships the folder

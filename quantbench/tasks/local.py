@@ -1,5 +1,5 @@
 """Shipped, offline task for every lm-eval family: they run through the same bridge, so the whole path is tested
-without a network (reference/offline-environment.md §4, §6).
+without a network (the data is the shipped Austen corpus and the MMLU exemplars that lm-eval's wheel carries).
 
 * ``mmlu-local-<k>shot``: the 281 real MMLU dev exemplars inside lm-eval (``flan_cot_fewshot/_cot_prompts.json``),
   MMLU's prompt and scoring (answer letter by loglikelihood), one lm-eval task per MMLU category (the category of
@@ -20,7 +20,7 @@ import random
 import re
 from functools import lru_cache
 
-from quantbench.data import corpus_text
+from quantbench.corpus import text as corpus_text
 from quantbench.errors import ConfigError
 from quantbench.registry import TASKS
 from quantbench.tasks import lmeval
@@ -218,6 +218,7 @@ def _passkey_score(doc, results):
 def make_passkey(arg: str = "local", batch_size: int = 1, add_bos: bool = False, limit: int = 0,
                  lengths=PASSKEY_LENGTHS, depths=PASSKEY_DEPTHS, repeats: int = 2,
                  longbench_max_length: int = lmeval.LONGBENCH_MAX_LENGTH, **_):
+    lengths = lengths or PASSKEY_LENGTHS
     if arg != "local":
         raise ConfigError(f"unknown local LongBench task longbench-{arg}; known: longbench-local")
     lengths, depths = tuple(sorted(lengths)), tuple(depths)
@@ -254,3 +255,6 @@ def make_passkey(arg: str = "local", batch_size: int = 1, add_bos: bool = False,
 
     task.prepare, task.pick = prepare, pick
     return task
+
+
+lmeval.SHIPPED.update(qa=make_lastword, mmlu=make_mmlu_local, longbench=make_passkey)

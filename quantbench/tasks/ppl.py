@@ -1,4 +1,4 @@
-"""GPTQ-protocol perplexity (methods.md §5.2): non-overlapping seqlen windows, mean token CE per window over the
+"""GPTQ-protocol perplexity (GPTQ ``datautils.py`` + ``llama_eval``, as all four reference repos use it): non-overlapping seqlen windows, mean token CE per window over the
 seqlen-1 shifted targets, PPL = exp(mean over windows). No BOS per window. Batch-size independent: each window's
 loss is computed on its own row, batching only groups rows.
 """
@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from quantbench import data
 from quantbench.errors import ConfigError
 from quantbench.registry import TASKS
-from quantbench.tasks import Task
+from quantbench.tasks.base import Task
 
 DEFAULT_SPLIT = {"austen": "test", "wikitext2": "test", "c4": "validation"}
 
