@@ -281,10 +281,9 @@ def tiny_model(name: str = "tiny-llama", seed: int = 0, dtype: torch.dtype = tor
 
     mtype, extra = TINY[name]
     cfg = AutoConfig.for_model(mtype, **{**TINY_DIMS, **extra, **overrides})
-    cfg._attn_implementation = "sdpa"
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
     return model.to(dtype).eval()
 
 
