@@ -95,7 +95,8 @@ def _online(name, k):
 
     def duq(perms):  # G = R1 · P1 · R2 (· P2 · R3)
         return DuQuantRotation(torch.stack([_orth(64, g) for _ in range(perms + 1)]),
-                               torch.stack([torch.randperm(k, generator=g) for _ in range(perms)]))
+                               torch.stack([torch.randperm(k, generator=g) for _ in range(perms)]) if perms
+                               else torch.empty(0, k, dtype=torch.long))
 
     return {"duquant": lambda: [duq(1)], "duquant+smooth": lambda: [Scale(torch.rand(k, generator=g) + 0.5), duq(1)],
             "duquant-2perm": lambda: [duq(2)], "rotation-only": lambda: [duq(0)],
