@@ -38,7 +38,7 @@ from quantbench.errors import ConfigError
 from quantbench.layerwise import BlockContext, run_blocks
 from quantbench.method import Method
 from quantbench.plan import plain_plan
-from quantbench.quant import LearnableClip, QuantSpec, fake_quant, quantize
+from quantbench.quant import LearnableClip, QuantSpec, compute_dtype, fake_quant, quantize
 from quantbench.registry import METHODS
 from quantbench.simulate import swapped
 from quantbench.smoothing import duquant_scales, fuse_into_linear, fuse_into_norm
@@ -93,7 +93,7 @@ class DuQuantLinear(nn.Module):
         if self.method.use_lwc and self.w_spec is not None:  # the bounds exist (at init) during this pass too
             spec = self.w_spec
             groups = w.shape[1] // spec.group_size if spec.granularity == "group" else 1
-            self.clip = LearnableClip(w.shape[0], groups).to(w.device)
+            self.clip = LearnableClip(w.shape[0], groups).to(w.device, compute_dtype(self.inner.weight.dtype))
 
     def forward(self, x):
         if self.transform is None:

@@ -89,7 +89,7 @@ class NormTweak(Method):
         for p in params:
             p.requires_grad_(True)
         dtype = params[0].dtype
-        wide = dtype != torch.float32  # fp32 during the tweak, then cast back (authors: qlayer.float())
+        wide = dtype in (torch.float16, torch.bfloat16)  # fp32 during the tweak, then cast back (authors: qlayer.float())
         kw32 = _cast(kw, torch.float32) if wide else kw
         try:
             with quantized_block(qm, i, block):

@@ -32,7 +32,7 @@ from quantbench.errors import ConfigError
 from quantbench.layerwise import BlockContext, run_blocks
 from quantbench.method import Method
 from quantbench.plan import plain_plan
-from quantbench.quant import LearnableClip, QuantSpec, quantize
+from quantbench.quant import LearnableClip, QuantSpec, compute_dtype, quantize, widen
 from quantbench.registry import METHODS
 from quantbench.simulate import swapped
 from quantbench.smoothing import expand_kv, fuse_into_linear, fuse_into_norm, fuse_qk, omniquant_scales
@@ -45,7 +45,7 @@ def _clip_for(lin: nn.Linear, spec: QuantSpec | None) -> LearnableClip | None:
     if spec is None:
         return None
     groups = lin.in_features // spec.group_size if spec.granularity == "group" else 1
-    return LearnableClip(lin.out_features, groups).to(lin.weight.device)
+    return LearnableClip(lin.out_features, groups).to(lin.weight.device, compute_dtype(lin.weight.dtype))
 
 
 @METHODS.register("omniquant")
@@ -93,7 +93,7 @@ class OmniQuant(Method):
         ad, o, scheme, i, block = qm.adapter, self.opts, qm.scheme, ctx.index, ctx.block
         lin = ad.linears(block)
         dtype = lin["q"].weight.dtype
-        block.float()
+        block.to(compute_dtype(dtype))  # the reference trains in fp32 (a float64 model stays float64)
         p = nn.ParameterDict()
         if use_let:
             st = lambda role: stats[ad.linear_name(i, role)]["absmax"].to(lin[role].weight.device)  # noqa: E731
@@ -128,10 +128,10 @@ class OmniQuant(Method):
                 info = {"resumed": True, "loss": []}
             else:
                 def loss_at(j):
-                    out = block(ctx.inputs[j].float(), **kw)
-                    loss = nn.functional.mse_loss(out, targets[j].float())
+                    out = block(widen(ctx.inputs[j]), **kw)
+                    loss = nn.functional.mse_loss(out, widen(targets[j]))
                     if aug is not None:
-                        loss = loss + nn.functional.mse_loss(out, aug[j].float())
+                        loss = loss + nn.functional.mse_loss(out, widen(aug[j]))
                     return loss
 
                 groups = [{"params": list(p.values()), "lr": o["let_lr"]},
@@ -143,7 +143,7 @@ class OmniQuant(Method):
                          **{f"lwc.{k}": v.clone() for k, v in clips.state_dict().items()}}
             clamp_scales()
             with torch.no_grad():
-                ctx.outputs = [y.to(dtype) for y in ctx.forward([x.float() for x in ctx.inputs])]
+                ctx.outputs = [y.to(dtype) for y in ctx.forward([widen(x) for x in ctx.inputs])]
                 final_clips = {r: tuple(t.detach() for t in c()) for r, c in clips.items()}
         self._fuse(ad, block, p)
         block.to(dtype)

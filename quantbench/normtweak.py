@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from quantbench.quant import widen
+
 LOSSES = ("authors", "paper", "mse")
 
 # (lr0, scale, how it was chosen) per model; the family default applies to models not listed. SmolLM2-135M's entry
@@ -49,7 +51,7 @@ def channel_loss(q: torch.Tensor, f: torch.Tensor, kind: str = "authors") -> tor
     - ``paper`` (Eq. 4 as written): ``1/C Σ_c (|μ_f - μ_q| + |σ²_f - σ²_q|)``;
     - ``mse``: mean squared error of the outputs (llmc's ``ntweak.py``).
     """
-    q, f = q.float().reshape(-1, q.shape[-1]), f.float().reshape(-1, f.shape[-1])
+    q, f = widen(q).reshape(-1, q.shape[-1]), widen(f).reshape(-1, f.shape[-1])
     if kind == "mse":
         return F.mse_loss(q, f)
     mq, mf, vq, vf = q.mean(0), f.mean(0), q.var(0), f.var(0)

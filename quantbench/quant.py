@@ -87,6 +87,18 @@ class QuantSpec:
         return asdict(self)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision the algorithms compute in for a model of ``dtype``: float32 (the reference repos'
+    ``.float()``), or float64 for a float64 model (``--dtype float64``, the regression check's dtype: there no
+    CPU's SIMD width or BLAS flips a rounding)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in :func:`compute_dtype` (``x.float()`` unless it is float64)."""
+    return x.to(compute_dtype(x.dtype))
+
+
 def _grouped(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """View ``x`` so that the reduction for one scale is the last dim."""
     if spec.granularity == "tensor":
@@ -202,8 +214,8 @@ def mse_clip(x: torch.Tensor, spec: QuantSpec, norm: float = 2.4, grid: int = 10
     norm 2.4, grid 100, maxshrink 0.8). ``x`` is already viewed by :func:`_grouped`; returns ``[..., 1]`` fp32, to be
     passed as ``lo = hi = p`` to :func:`qparams` / :func:`quantize`.
     """
-    g = x.float()
-    best = torch.full(g.shape[:-1] + (1,), float("inf"), device=g.device)
+    g = widen(x)
+    best = torch.full(g.shape[:-1] + (1,), float("inf"), device=g.device, dtype=g.dtype)
     best_p = torch.ones_like(best)
     qmin, qmax = spec.qrange
     for i in range(int(maxshrink * grid)):

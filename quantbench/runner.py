@@ -23,7 +23,7 @@ from quantbench.results import SCHEMA, ResultStore, config_hash, device_info, no
 from quantbench.tasks import Task
 
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from quantbench.errors import ConfigError
+from quantbench.quant import compute_dtype
 
 SCALE_MIN = 1e-5
 
@@ -19,15 +20,17 @@ SCALE_MIN = 1e-5
 def smoothquant_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """SmoothQuant ``smooth.py::smooth_ln_fcs_llama_like``: ``s = max|X|^α / max_{fc} max_i |W_ij|^(1-α)``,
     weight max over *all* linears sharing the input, both clamped at 1e-5."""
-    w = torch.stack([wt.detach().abs().amax(0) for wt in weights]).amax(0).float().clamp(min=SCALE_MIN)
-    return (act_absmax.float().pow(alpha) / w.pow(1 - alpha)).clamp(min=SCALE_MIN)
+    dt = compute_dtype(weights[0].dtype)
+    w = torch.stack([wt.detach().abs().amax(0) for wt in weights]).amax(0).to(dt).clamp(min=SCALE_MIN)
+    return (act_absmax.to(dt).pow(alpha) / w.pow(1 - alpha)).clamp(min=SCALE_MIN)
 
 
 def omniquant_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
     """OmniQuant's LET initialisation (``quantize/omniquant.py``): the same formula, but the weight term is the
     *signed* column max of the first linear only (q_proj, up_proj or o_proj), ``weight.max(dim=0)``."""
-    w = weight.detach().float().amax(0).clamp(min=SCALE_MIN)
-    return (act_absmax.float().clamp(min=SCALE_MIN).pow(alpha) / w.pow(1 - alpha)).clamp(min=SCALE_MIN)
+    dt = compute_dtype(weight.dtype)
+    w = weight.detach().to(dt).amax(0).clamp(min=SCALE_MIN)
+    return (act_absmax.to(dt).clamp(min=SCALE_MIN).pow(alpha) / w.pow(1 - alpha)).clamp(min=SCALE_MIN)
 
 
 def _set(p: torch.Tensor, value: torch.Tensor) -> None:
@@ -81,5 +84,6 @@ def expand_kv(s: torch.Tensor, gqa_groups: int, head_dim: int) -> torch.Tensor:
 def duquant_scales(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
     """DuQuant's smoothing (``quantize/duquant.py`` L211-213): SmoothQuant's formula with the ``|W|`` column max of
     the one linear named in its pairs (q_proj, up_proj, down_proj, o_proj), activations clamped at 1e-5."""
-    w = weight.detach().float().abs().amax(0).clamp(min=SCALE_MIN)
-    return (act_absmax.float().clamp(min=SCALE_MIN).pow(alpha) / w.pow(1 - alpha)).clamp(min=SCALE_MIN)
+    dt = compute_dtype(weight.dtype)
+    w = weight.detach().to(dt).abs().amax(0).clamp(min=SCALE_MIN)
+    return (act_absmax.to(dt).clamp(min=SCALE_MIN).pow(alpha) / w.pow(1 - alpha)).clamp(min=SCALE_MIN)

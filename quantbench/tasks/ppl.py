@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from quantbench import data
 from quantbench.errors import ConfigError
+from quantbench.quant import widen
 from quantbench.registry import TASKS
 from quantbench.tasks.base import Task
 
@@ -40,7 +41,7 @@ def window_losses(model, windows: torch.Tensor, batch_size: int = 1, desc: str =
     out = []
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
         ids = windows[i : i + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits.float()
+        logits = widen(model(input_ids=ids, use_cache=False).logits)
         ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
         out.append(ce.mean(1).cpu())
     losses = torch.cat(out)
