@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from quantbench import models
+from quantbench import models, validate
+from quantbench.data import C4_VARIANTS
 from quantbench.errors import QuantbenchError
 from quantbench.method import Method
 from quantbench.pipeline import resolve
@@ -23,7 +24,8 @@ from quantbench.plugins import load_plugins
 from quantbench.quant import QuantScheme, override_specs, parse_scheme
 from quantbench.reports.leaderboard import render
 from quantbench.results import ResultStore
-from quantbench.runner import DTYPES, RunConfig
+from quantbench.registry import BACKENDS
+from quantbench.runner import DTYPES, RunConfig, calibration_config
 from quantbench.tasks import Task, expand, make_task
 
 
@@ -65,7 +67,8 @@ def pytest_addoption(parser):
         "or triton (INT4 kernels; the Triton interpreter on a CPU machine: exact and slow)")
     add("--seed", type=int, default=0, help="seed for python/numpy/torch and random models")
     add("--seqlen", type=int, default=2048, help="perplexity window length (GPTQ protocol: 2048)")
-    add("--ppl-windows", type=int, default=0, help="evaluate only the first N windows (0 = all; recorded in the protocol)")
+    add("--ppl-windows", type=int, default=None, help="evaluate only the first N >= 1 windows (default: all; N is "
+        "recorded in the protocol label as firstNwindows)")
     add("--c4-variant", default="duquant-seed20", help="c4 subset: duquant-seed20, omniquant-seed0, quarot-first1100")
     add("--batch-size", type=int, default=1, help="evaluation batch size (results are batch-size independent)")
     add("--dtype", default="auto", choices=["auto", *DTYPES], help="model dtype (auto: fp32 on CPU, fp16 on GPU)")
@@ -135,20 +138,41 @@ def _method_options(opt, methods: list) -> dict[str, dict]:
     return {m.name: {k: v for k, v in given.items() if k in m.options} for m in methods}
 
 
-def build_cases(opt) -> list[Case]:
-    """Validate every option and expand the (method x scheme) grid; raises QuantbenchError on bad input."""
-    load_plugins()
-    device = opt.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    models.check_available(opt.model)
+def _check_options(opt) -> list[int]:
+    """Options checked whether or not the requested tasks read them (a bad value is never silently ignored);
+    returns the passkey lengths."""
     try:
         passkey = [int(x) for x in _csv(opt.passkey_lengths)]
     except ValueError:
         raise QuantbenchError(f"--passkey-lengths expects integers, got {opt.passkey_lengths!r}") from None
-    tasks = [make_task(t, seqlen=opt.seqlen, max_windows=opt.ppl_windows, batch_size=opt.batch_size,
+    for flag, value, low in (("--seqlen", opt.seqlen, 2), ("--ppl-windows", opt.ppl_windows, 1),
+                             ("--batch-size", opt.batch_size, 1), ("--limit", opt.limit, 0),
+                             ("--longbench-max-length", opt.longbench_max_length, 16),
+                             *(("--passkey-lengths", n, 1) for n in passkey)):
+        if value is not None and value < low:
+            extra = " (leave it out for all windows)" if flag == "--ppl-windows" else \
+                " (0 = all documents)" if flag == "--limit" else ""
+            raise QuantbenchError(f"{flag} {value}: must be >= {low}{extra}")
+    if opt.c4_variant not in C4_VARIANTS:
+        raise QuantbenchError(f"unknown --c4-variant {opt.c4_variant!r}; known: {', '.join(C4_VARIANTS)}")
+    return passkey
+
+
+def build_cases(opt) -> list[Case]:
+    """Validate every option against the model's geometry and expand the (method x scheme) grid, before any weight
+    loads and without writing anything; raises QuantbenchError on bad input."""
+    load_plugins()
+    device = validate.check_device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    passkey = _check_options(opt)
+    BACKENDS.get(opt.backend)
+    models.check_available(opt.model)
+    geo = models.geometry_of(opt.model)
+    tasks = [make_task(t, seqlen=opt.seqlen, max_windows=opt.ppl_windows or 0, batch_size=opt.batch_size,
                        variant=opt.c4_variant if t == "ppl-c4" else None, limit=opt.limit, add_bos=opt.add_bos,
                        longbench_max_length=opt.longbench_max_length,
                        passkey_lengths=passkey) for t in expand(_csv(opt.tasks))]
     calib = {"corpus": opt.calib, "nsamples": opt.nsamples, "seqlen": opt.calib_seqlen, "seed": opt.calib_seed}
+    validate.check_calibration(calib, geo.context, opt.model)
     overrides = _quantizer_overrides(opt)
     cases = []
     methods = [resolve(name) for name in dict.fromkeys(_csv(opt.method))]
@@ -158,8 +182,11 @@ def build_cases(opt) -> list[Case]:
         options = method_opts[name]
         if not cls.quantizes:
             m = cls(seed=opt.seed, device=device, **options)
+            scheme = parse_scheme("w16a16", m.specs())
+            validate.check_run(m, scheme, model=opt.model, device=device, backend=opt.backend, tasks=tasks,
+                               calibration=None, geometry=geo)
             cases.append(Case(RunConfig(name, opt.model, "w16a16", opt.backend, opt.seed, opt.dtype, device,
-                                        offload=opt.offload), tasks, (m, parse_scheme("w16a16", m.specs()))))
+                                        offload=opt.offload), tasks, (m, scheme)))
             continue
         seen = set()
         for text in _schemes(opt):
@@ -168,8 +195,12 @@ def build_cases(opt) -> list[Case]:
             if scheme.name in seen:
                 continue
             seen.add(scheme.name)
-            cases.append(Case(RunConfig(name, opt.model, scheme.name, opt.backend, opt.seed, opt.dtype, device,
-                                        calib, overrides, options, opt.offload), tasks, (m, scheme)))
+            cfg = RunConfig(name, opt.model, scheme.name, opt.backend, opt.seed, opt.dtype, device, calib, overrides,
+                            options, opt.offload)
+            validate.check_run(m, scheme, model=opt.model, device=device, backend=opt.backend, tasks=tasks,
+                               calibration=calibration_config(m, calib) if m.needs_calibration else None,
+                               geometry=geo)
+            cases.append(Case(cfg, tasks, (m, scheme)))
     if not cases:
         raise QuantbenchError("nothing to run: --method is empty")
     return cases

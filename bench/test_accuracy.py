@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from quantbench.errors import ConfigError, UnavailableError
+from quantbench.errors import QuantbenchError, UnavailableError
 from quantbench.results import ResultStore
 from quantbench.runner import run
 
@@ -15,10 +15,10 @@ def test_accuracy(case, request, capsys):
     try:
         with capsys.disabled():  # progress bars and logs go to the terminal as the run goes
             out = run(case.cfg, case.tasks, store, resume=opt.resume, resolved=case.resolved)
-    except ConfigError as e:  # an impossible combination for this model (e.g. a group size)
-        pytest.fail(str(e), pytrace=False)
     except UnavailableError as e:  # e.g. a hub calibration corpus offline: nothing was measured, say what is needed
         pytest.skip(f"{case.cfg.method} {case.cfg.scheme} not run: {e}")
+    except QuantbenchError as e:  # NaN/inf named where it appeared, a full disk, an impossible shape: one line
+        pytest.fail(f"{case.cfg.method} {case.cfg.scheme}: {e}", pytrace=False)
     for task, why in out.unavailable.items():  # e.g. a hub dataset offline: say what is needed, keep the rest
         warnings.warn(f"{task} not run: {why}", stacklevel=1)
     if not out.records:

@@ -126,6 +126,8 @@ class DuQuant(Method):
     options = {"mode": "repo", "block_size": 128, "steps": 256, "permutation_times": 1, "alpha": 0.6,
                "swc": 0.8, "lac": 0.9, "epochs": 0, "lwc_lr": 1e-2, "smooth": True}
     choices = {"mode": dq.MODES}
+    ranges = {"block_size": (2, None), "steps": (0, None), "permutation_times": (0, None), "alpha": (0, 1),
+              "swc": (0, 1), "lac": (0, 1), "epochs": (0, None), "lwc_lr": (0, None)}
     defaults = {"w": QuantSpec(4, "minmax", "channel"), "a": QuantSpec(4, "minmax", "token"),
                 **{t: QuantSpec(4, "minmax", "head") for t in "qkv"}}
 

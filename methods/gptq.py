@@ -7,7 +7,7 @@ only in rounding; ``--wgrid asym`` gives GPTQ's asymmetric min/max grid (zero fo
 """
 from quantbench.method import Method
 from quantbench.registry import METHODS
-from quantbench.weights import GPTQ_OPTIONS, gptq, gptq_block, gptq_config
+from quantbench.weights import GPTQ_OPTIONS, GPTQ_RANGES, gptq, gptq_block, gptq_config
 
 
 @METHODS.register("gptq")
@@ -16,6 +16,7 @@ class GPTQ(Method):
     needs_calibration = True
     modifies = ("linears",)  # each linear holds its dequantized codes afterwards (what the next block sees)
     options = GPTQ_OPTIONS
+    ranges = GPTQ_RANGES
 
     def quantize_weights(self, qm, spec, calib, key=None):
         qm.info.update(gptq(qm, calib.windows, spec, gptq_config(self.opts), self.device, key))

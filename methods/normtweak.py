@@ -37,6 +37,7 @@ class NormTweak(Method):
     calib_defaults = {"corpus": "generated", "nsamples": 128, "seqlen": 2048, "seed": 1}
     options = {"nt_lr": -1.0, "nt_scale": -1.0, "nt_loss": "authors", "nt_epochs": 1}  # < 0: the lr table's
     choices = {"nt_loss": nt.LOSSES}
+    ranges = {"nt_lr": (0, None), "nt_scale": (0, None), "nt_epochs": (0, None)}
 
     def __init__(self, seed: int = 0, device: str = "cpu", _in_pipeline: bool = False, **opts):
         if not _in_pipeline:

@@ -56,6 +56,7 @@ class OmniQuant(Method):
     options = {"epochs": 20, "lwc_lr": 1e-2, "let_lr": 5e-3, "alpha": 0.5, "let": "auto", "lwc": True,
                "aug_loss": False}
     choices = {"let": ("auto", "on", "off")}
+    ranges = {"epochs": (0, None), "lwc_lr": (0, None), "let_lr": (0, None), "alpha": (0, 1)}
     defaults = {"w": QuantSpec(4, "minmax", "channel"), "a": QuantSpec(4, "minmax", "token"),
                 **{t: QuantSpec(4, "minmax", "head") for t in "qkv"}}
 

@@ -13,6 +13,8 @@ the code's 1.0; ``clips=paper`` uses the paper's activation 0.9 and K/V 0.95 wit
 """
 from dataclasses import replace
 
+from quantbench import hadamard
+from quantbench.errors import ConfigError
 from quantbench.method import Method
 from quantbench.plan import AttentionPlan, LinearPlan, QuantizedModel
 from quantbench.registry import METHODS
@@ -40,6 +42,18 @@ class QuaRot(Method):
             for t in "kv":
                 s[t] = replace(s[t], grid="asym", clip_ratio=0.95)
         return s
+
+    def check_model(self, geometry, scheme):
+        """The Hadamards QuaRot needs (``rotation.rotate``): residual (in hadamard mode), down_proj input,
+        per head; the o_proj one falls back to a full transform when the head count has none."""
+        sizes = {"head_dim": geometry.head_dim, "intermediate_size": geometry.intermediate_size}
+        if self.opts["rotate_mode"] == "hadamard":
+            sizes["hidden_size"] = geometry.hidden_size
+        for what, n in sizes.items():
+            try:
+                hadamard.factor(n)
+            except ConfigError as e:
+                raise ConfigError(f"quarot: {what} {n}: {e}") from None
 
     def prepare(self, lm, scheme, calib):
         ad = lm.adapter

@@ -43,6 +43,7 @@ class SmoothQuant(Method):
     modifies = ("norms", "linears")
     calib_defaults = {"nsamples": 512, "seqlen": 512, "seed": 42}  # calibration.py: 512 samples x 512 tokens
     options = {"alpha": -1.0}  # < 0: the per-model reference value
+    ranges = {"alpha": (0, 1)}
     defaults = {t: QuantSpec(8, "sym_pm", "channel" if t == "w" else "token") for t in "waqkv"}
 
     def prepare(self, lm, scheme, calib):

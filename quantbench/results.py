@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+from quantbench.cache import atomic_write, sweep_stale
+from quantbench.errors import StorageError
+
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
@@ -94,6 +97,8 @@ class ResultStore:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        if self.root.is_dir():  # temporary files of writers that were killed
+            sweep_stale(self.root)
 
     def path(self, chash: str, metric: str) -> Path:
         return self.root / f"{chash}-{metric}.json"
@@ -102,15 +107,20 @@ class ResultStore:
         return self.load(self.path(chash, metric)) is not None
 
     def write(self, record: dict) -> Path:
-        """Atomic: a reader sees the old file or the new one, never half of one."""
+        """Atomic: a reader sees the old file or the new one, never half of one. A write that fails (a full disk)
+        removes its temporary file, leaves any earlier record of the config in place and raises
+        :class:`~quantbench.errors.StorageError` naming the file."""
         missing = [k for k in REQUIRED if k not in record]
         if missing:
             raise ValueError(f"result record lacks {missing}")
-        self.root.mkdir(parents=True, exist_ok=True)
         dest = self.path(record["config_hash"], record["metric"])
-        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, dest)
+        text = json.dumps(record, indent=1, sort_keys=True, default=str) + "\n"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write(dest, lambda tmp: tmp.write_text(text))
+        except OSError as e:
+            raise StorageError(f"cannot write result record {dest} ({e.strerror or e}); free space or choose "
+                               f"another --results-dir, then rerun with --resume") from None
         return dest
 
     @staticmethod

@@ -13,7 +13,7 @@ import torch
 
 from quantbench import models, offload, planstore
 from quantbench.data import Calibration, windows_digest
-from quantbench.errors import UnavailableError
+from quantbench.errors import NumericalError, UnavailableError
 from quantbench.method import Method
 from quantbench.pipeline import resolve
 from quantbench.plugins import load_plugins
@@ -21,6 +21,7 @@ from quantbench.quant import QuantScheme, override_specs, parse_scheme
 from quantbench.registry import BACKENDS
 from quantbench.results import SCHEMA, ResultStore, config_hash, device_info, now, peak_memory_mb, versions
 from quantbench.tasks import Task
+from quantbench.validate import check_run
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -87,6 +88,9 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
     result when the caller already has it.
     """
     method, scheme = resolved or resolve_config(cfg)
+    check_run(method, scheme, model=cfg.model, device=cfg.device, backend=cfg.backend,
+              calibration=calibration_config(method, cfg.calibration) if method.needs_calibration else None,
+              tasks=tasks)
     backend = BACKENDS.get(cfg.backend)
     if scheme.a is None and scheme.w is not None and not method.weight_only:
         log.info("%s %s: weight-only is outside %s's reference scope (it exists to quantize activations); running "
@@ -133,6 +137,7 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
     shared = {
         "run_id": run_id, "method": cfg.method, "model": cfg.model, "model_id": lm.info["id"],
         "model_revision": lm.info["revision"], "model_notes": lm.info["notes"],
+        **({"model_source_revision": lm.info["source_revision"]} if "source_revision" in lm.info else {}),
         "tokenizer_hash": lm.info["tokenizer_hash"], "tokenizer_class": lm.info["tokenizer_class"],
         "scheme": scheme.name, "scheme_spec": scheme.to_dict(), "backend": cfg.backend, "dtype": base["dtype"],
         "seed": cfg.seed, "seeds": {"python": cfg.seed, "numpy": cfg.seed, "torch": cfg.seed,
@@ -149,7 +154,7 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
             peak, peak_kind = peak_memory_mb(cfg.device)
             for metric, value in metrics.items():
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"{task.name} {metric} is {value} for {cfg.method} {scheme.name}")
+                    raise NumericalError(f"{task.name} {metric} is {value} for {cfg.method} {scheme.name}")
                 full = {**base, "task": task.config, "metric": metric}
                 rec = {
                     **shared, "schema": SCHEMA, "config_hash": config_hash(full), "task": task.name,

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from quantbench import models, offload
 from quantbench.cache import key_of, load_or_build
 from quantbench.data import windows_digest
+from quantbench.errors import NumericalError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ def collect(lm: models.LoadedModel, windows: torch.Tensor) -> dict[str, dict[str
     def hook(name):
         def fn(_mod, args, _out):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if not torch.isfinite(x).all():
+                raise NumericalError(f"activation statistics: the input of {name} has NaN/inf values")
             lo, hi = x.amin(0), x.amax(0)
             s = stats.get(name)
             if s is None:

@@ -42,8 +42,8 @@ class GPTQConfig:
     true_sequential: bool = True
 
     def __post_init__(self):
-        if not 0 <= self.percdamp < 1 or self.blocksize < 1:
-            raise ConfigError(f"GPTQ needs 0 <= percdamp < 1 and blocksize >= 1, got {self.percdamp}, {self.blocksize}")
+        if not 0 <= self.percdamp <= 1 or self.blocksize < 1:
+            raise ConfigError(f"GPTQ needs 0 <= percdamp <= 1 and blocksize >= 1, got {self.percdamp}, {self.blocksize}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -224,6 +224,7 @@ def gptq_block(qm: QuantizedModel, ctx: BlockContext, spec: QuantSpec, cfg: GPTQ
 
 
 GPTQ_OPTIONS = GPTQConfig().to_dict()  # method options of every GPTQ-based method (reference defaults)
+GPTQ_RANGES = {"percdamp": (0, 1), "blocksize": (1, None)}
 
 
 def gptq_config(opts: dict) -> GPTQConfig:

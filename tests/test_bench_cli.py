@@ -43,13 +43,13 @@ def test_bad_input_is_a_usage_error(args, msg):
     assert p.returncode == 4 and msg in p.stderr and "Traceback" not in p.stderr + p.stdout
 
 
-def test_group_size_that_does_not_divide_fails_the_case_clearly(tmp_path):
+def test_group_size_that_does_not_divide_is_a_usage_error_before_any_work(tmp_path):
     p = bench("--model", "tiny-llama", "--method", "rtn", "--group", "96", "--seqlen", "64", "--ppl-windows", "1",
-              "--results-dir", str(tmp_path))
+              "--results-dir", str(tmp_path / "res"))
     out = p.stdout + p.stderr
-    assert p.returncode == 1 and "group size 96 does not divide the dimension 128" in out
-    assert "model.layers.0.self_attn.q_proj" in out and "Traceback" not in out
-    assert not list(tmp_path.glob("*.json"))  # nothing half-written
+    assert p.returncode == 4 and "weight group size 96 does not divide the input width of q_proj (128)" in out
+    assert "Traceback" not in out and out.count("group size 96") == 1
+    assert not (tmp_path / "res").exists()  # nothing written
 
 
 def test_method_options_reach_the_record(tmp_path):
@@ -65,7 +65,7 @@ def test_method_options_reach_the_record(tmp_path):
 
 
 def test_unavailable_calibration_corpus_is_a_clear_skip(tmp_path):
-    p = bench("--model", "tiny-llama", "--method", "fp16,gptq", "--calib", "wikitext2", "--seqlen", "64",
+    p = bench("--model", "tiny-llama", "--method", "fp16,gptq", "--calib", "wikitext2", "--calib-seqlen", "64", "--seqlen", "64",
               "--ppl-windows", "1", "--results-dir", str(tmp_path), "-rs")
     out = p.stdout + p.stderr
     assert p.returncode == 0 and "1 passed, 1 skipped" in out, out

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from quantbench import models
+from quantbench.adapters import geometry
 from quantbench.reports import leaderboard, papers, regress
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +38,17 @@ def _bench_parser() -> argparse.ArgumentParser:
     return ap, conf
 
 
+# the published config.json geometry of the cards' models (the checks a card passes are the real model's)
+HUB_CONFIGS = {
+    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+                       num_key_value_heads=32, max_position_embeddings=4096),
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                       num_key_value_heads=8, max_position_embeddings=8192),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                       num_key_value_heads=8, max_position_embeddings=32768),
+}
+
+
 @pytest.mark.parametrize("card", papers.CARDS, ids=lambda c: f"{c.method}-{c.model}-{c.scheme}")
 def test_every_reproduction_card_is_a_valid_bench_command(card, monkeypatch):
     """Each card's command goes through the bench's option validation (methods, options, schemes, tasks,
@@ -44,6 +57,7 @@ def test_every_reproduction_card_is_a_valid_bench_command(card, monkeypatch):
     opt = ap.parse_args(card.argv())
     assert opt.model == card.model and card.model in models.ZOO
     monkeypatch.setattr(models, "check_available", lambda name: None)  # the hub models: not here, by design
+    monkeypatch.setattr(models, "geometry_of", lambda name: geometry(AutoConfig.for_model(**HUB_CONFIGS[name])))
     cases = conf.build_cases(opt)
     assert [(c.cfg.method, c.cfg.scheme) for c in cases] == [(card.method, card.scheme)]
     tasks = {t.name for t in cases[0].tasks}

@@ -73,7 +73,8 @@ def test_block_checkpoint_resumes_only_an_unbroken_prefix(tmp_path, monkeypatch)
     (tmp_path / "checkpoints" / "t-k" / "2.pt").write_bytes(b"truncated")  # damaged: 2 and 3 are redone
     back = BlockCheckpoint("t", "k")
     assert sorted(back.blocks) == [0, 1] and torch.equal(back.blocks[1]["x"], torch.ones(2))
-    assert sorted(p.name for p in (tmp_path / "checkpoints" / "t-k").iterdir()) == ["0.pt", "1.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "t-k").iterdir()) == ["0.pt", "0.sha256", "1.pt",
+                                                                                    "1.sha256"]
     back.done()
     assert not (tmp_path / "checkpoints" / "t-k").exists() and not BlockCheckpoint("t", "k").blocks
     mem = BlockCheckpoint("t", None)

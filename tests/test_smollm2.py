@@ -14,7 +14,12 @@ def test_smollm2_geometry():
     a = lm.adapter
     assert (a.hidden_size, a.intermediate_size, a.num_heads, a.num_kv_heads, a.head_dim) == (576, 1536, 9, 3, 64)
     assert len(a.blocks) == 30 and a.tied_embeddings
-    assert "Q4_1" in lm.info["notes"] and lm.info["revision"].startswith("gguf-sha256:")
+    assert "Q4_1" in lm.info["notes"] and lm.info["revision"].startswith("sha256:")
+    assert lm.info["source_revision"].startswith("gguf-sha256:")
+    g = models.geometry_of("smollm2-135m")  # read from the GGUF header alone: the same as transformers' full parse
+    geo = lambda x: (x.hidden_size, x.intermediate_size, x.num_heads, x.num_kv_heads, x.head_dim, x.context,  # noqa: E731
+                     x.config.num_hidden_layers, x.config.vocab_size)
+    assert geo(g) == geo(a) == (576, 1536, 9, 3, 64, 8192, 30, 49152)
 
 
 def test_rtn_w4a4_ppl_above_fp16(tmp_path):

@@ -24,8 +24,10 @@ import math
 from importlib import metadata, resources
 from pathlib import Path
 
+import torch
+
 from quantbench import hub
-from quantbench.errors import ConfigError, UnavailableError
+from quantbench.errors import ConfigError, NumericalError, UnavailableError
 from quantbench.registry import TASKS
 from quantbench.tasks.base import GROUPS, Task
 
@@ -98,11 +100,22 @@ def middle_truncate(tokenizer, text: str, max_tokens: int) -> str:
 
 
 def make_lm(model, tokenizer, batch_size: int = 1, max_length: int = 2048, add_bos: bool = False,
-            truncate_to: int | None = None):
-    """``HFLM`` over an in-memory model; with ``truncate_to``, generation prompts are middle-truncated first."""
+            truncate_to: int | None = None, name: str = "lm-eval"):
+    """``HFLM`` over an in-memory model; with ``truncate_to``, generation prompts are middle-truncated first. NaN/inf
+    logits are an error naming the task (``name``) and the model call, not scores computed from NaN."""
     from lm_eval.models.huggingface import HFLM
 
+    calls = [0]
+
     class QuantbenchLM(HFLM):
+        def _model_call(self, inps, *args, **kwargs):
+            logits = super()._model_call(inps, *args, **kwargs)
+            calls[0] += 1
+            if not torch.isfinite(logits).all():
+                raise NumericalError(f"{name}: the model's logits are NaN/inf in model call {calls[0]} "
+                                     f"(a batch of {inps.shape[0]} requests)")
+            return logits
+
         def generate_until(self, requests, disable_tqdm: bool = False):
             if truncate_to:
                 for r in requests:
@@ -169,7 +182,8 @@ class LmEvalTask(Task):
         max_length = min(c["max_length"], limit)  # lm-eval's context window: the model's, if shorter
         truncate = c.get("truncate_to") and min(c["truncate_to"], limit - c.get("max_gen_toks", 0))
         self.run_options.update(max_length_used=max_length, **({"truncate_to_used": truncate} if truncate else {}))
-        lm = make_lm(model, tokenizer, self.run_options.get("batch_size", 1), max_length, c["add_bos"], truncate)
+        lm = make_lm(model, tokenizer, self.run_options.get("batch_size", 1), max_length, c["add_bos"], truncate,
+                     name=self.name)
         log.info("%s: lm-eval %s (%d-shot, batch %d)", self.name, ", ".join(_names(self.specs())),
                  c["num_fewshot"], lm.batch_size)
         with self._offline(), _quiet():
@@ -179,7 +193,7 @@ class LmEvalTask(Task):
         out = self.pick(res)
         bad = {k: v for k, v in out.items() if not math.isfinite(v)}
         if bad:
-            raise FloatingPointError(f"{self.name}: non-finite lm-eval metrics {bad}")
+            raise NumericalError(f"{self.name}: non-finite lm-eval metrics {bad}")
         return out
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quantbench import data
-from quantbench.errors import ConfigError
+from quantbench.errors import ConfigError, NumericalError
 from quantbench.quant import widen
 from quantbench.registry import TASKS
 from quantbench.tasks.base import Task
@@ -45,8 +45,10 @@ def window_losses(model, windows: torch.Tensor, batch_size: int = 1, desc: str =
         ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
         out.append(ce.mean(1).cpu())
     losses = torch.cat(out)
-    if not torch.isfinite(losses).all():
-        raise FloatingPointError(f"non-finite loss in {int((~torch.isfinite(losses)).sum())} windows")
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    if bad:
+        raise NumericalError(f"{desc}: the model's loss is NaN/inf on {len(bad)} of {len(losses)} windows (first: "
+                             f"window {bad[0]}); the logits are not finite")
     return losses
 
 
