@@ -120,6 +120,7 @@ def block_size_for(ad, wanted: int) -> int:
 @METHODS.register("duquant")
 class DuQuant(Method):
     needs_calibration = True
+    headline = "w4a4"
     weight_only = False  # rotations and permutation against activation outliers: the paper's W4A4 / W6A6
     modifies = ("norms", "linears")  # smoothing fused into norms and neighbouring linears
     calib_defaults = {"nsamples": 128, "seqlen": 2048, "seed": 2}

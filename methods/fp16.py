@@ -7,6 +7,7 @@ from quantbench.registry import METHODS
 @METHODS.register("fp16")
 class FP16(Method):
     quantizes = False
+    headline = "w16a16"
 
     def quantize(self, lm, scheme, calib):
         return QuantizedModel(lm.model, lm.adapter, scheme, info={"quantized": "nothing"})

@@ -30,6 +30,7 @@ QUAROT_OPTIONS = {"rotate_mode": "hadamard", "embed_mean": False, "clips": "code
 @METHODS.register("quarot")
 class QuaRot(Method):
     role = "transform"
+    headline = "w4a4"
     options = QUAROT_OPTIONS
     choices = {"rotate_mode": ROTATE_MODES, "clips": ("code", "paper")}
     weights_label = "rtn"

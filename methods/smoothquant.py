@@ -38,6 +38,7 @@ def alpha_for(model_id: str, given: float) -> tuple[float, str]:
 @METHODS.register("smoothquant")
 class SmoothQuant(Method):
     role = "transform"
+    headline = "w8a8"
     needs_calibration = True
     weight_only = False  # smoothing migrates activation outliers into weights: it is for quantized activations
     modifies = ("norms", "linears")

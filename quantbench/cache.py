@@ -25,10 +25,15 @@ _SWEPT: set[Path] = set()
 _TMP = re.compile(r"\.tmp(\d+)$")
 
 
+def cache_root() -> Path:
+    """Where the caches live (``$QUANTBENCH_CACHE``, default ``~/.cache/quantbench``), without creating it."""
+    return Path(os.environ.get("QUANTBENCH_CACHE", Path.home() / ".cache" / "quantbench"))
+
+
 def cache_dir() -> Path:
-    """Root of quantbench's on-disk caches (``$QUANTBENCH_CACHE``, default ``~/.cache/quantbench``); the first call
-    per process and root removes stale temporary files (:func:`sweep_stale`)."""
-    d = Path(os.environ.get("QUANTBENCH_CACHE", Path.home() / ".cache" / "quantbench"))
+    """Root of quantbench's on-disk caches (:func:`cache_root`), created; the first call per process and root
+    removes stale temporary files (:func:`sweep_stale`)."""
+    d = cache_root()
     d.mkdir(parents=True, exist_ok=True)
     if d not in _SWEPT:
         _SWEPT.add(d)

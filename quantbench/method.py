@@ -41,6 +41,7 @@ class Method:
     - ``needs_calibration``: whether ``quantize`` reads ``calib.windows`` (it enters the config hash only then);
     - ``calib_defaults``: the reference recipe's calibration windows (count, length, seed) when the user names none;
     - ``quantizes``: False for the floating-point baseline, whose scheme is always w16a16;
+    - ``headline``: the scheme the method is known by (``--scheme headline``; its paper's main table);
     - ``weight_only``: False where weight-only schemes lie outside the method's reference scope (it exists to
       quantize activations: SmoothQuant, DuQuant); such a run still works, is logged as such, and the overview
       page marks those cells ``n/a`` instead of leaving them to be filled;
@@ -62,6 +63,7 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     calib_defaults: ClassVar[dict] = {"nsamples": 128, "seqlen": 2048, "seed": 0}  # GPTQ/QuaRot: 128 x 2048, seed 0
     quantizes: ClassVar[bool] = True
+    headline: ClassVar[str] = "w4a16"
     weight_only: ClassVar[bool] = True  # weight-only (a16) schemes are in the method's reference scope
     role: ClassVar[str] = "method"
     modifies: ClassVar[tuple[str, ...]] = ()

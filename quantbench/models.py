@@ -32,6 +32,7 @@ from quantbench import corpus, hub
 from quantbench.adapters import LlamaAdapter, adapter_for, geometry
 from quantbench.cache import atomic_write, atomic_write_text, cache_dir, key_of, sha256_file
 from quantbench.errors import ConfigError, NumericalError, StorageError, UnavailableError
+from quantbench.options import did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def resolve(name: str) -> tuple[str, str]:
     if "/" in name and not name.startswith((".", "/")):
         return "hub", name
     raise ConfigError(
-        f"unknown model {name!r}: use a zoo alias ({', '.join(sorted(ZOO))}), a built-in "
+        f"unknown model {name!r}{did_you_mean(name, [*ZOO, *BUILTIN])}: use a zoo alias ({', '.join(sorted(ZOO))}), a built-in "
         f"({', '.join(BUILTIN)}), a local model directory, or a Hugging Face id 'org/name'"
     )
 
@@ -237,6 +238,26 @@ def load(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu", see
     return LoadedModel(model, tok, adapter_for(model), info)
 
 
+def wrap(model: torch.nn.Module, tokenizer=None, name: str | None = None) -> LoadedModel:
+    """A model the caller already loaded (a ``transformers`` causal LM) as a :class:`LoadedModel`, left where it is.
+    Its revision is the sha256 of its weights (what was actually quantized), so cached plans never mix models."""
+    adapter = adapter_for(model)
+    check_finite_weights(model, name or type(model).__name__)
+    h = hashlib.sha256()
+    for key, t in sorted(model.state_dict().items()):
+        h.update(key.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    ident = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    p = next(model.parameters())
+    info = {"name": name or ident, "id": ident, "revision": "sha256:" + h.hexdigest()[:16],
+            "notes": "a model passed in by the caller; revision = the sha256 of its weights", "dtype":
+            str(p.dtype).removeprefix("torch."), "model_type": model.config.model_type,
+            "tokenizer_hash": tokenizer_hash(tokenizer) if tokenizer is not None else None,
+            "tokenizer_class": type(tokenizer).__name__ if tokenizer is not None else None}
+    model.eval()
+    return LoadedModel(model, tokenizer, adapter, info)
+
+
 def check_finite_weights(model: torch.nn.Module, name: str) -> None:
     """NaN/inf in a weight is an error naming the tensors (nothing computed from such a model means anything)."""
     bad = [k for k, t in [*model.named_parameters(), *model.named_buffers()]
@@ -360,15 +381,28 @@ def _smollm2(dtype: torch.dtype):
     """SmolLM2-135M converted once from GGUF to safetensors in the cache (a folder named by the GGUF's sha256),
     checked against its manifest at every load and rebuilt when damaged; its revision is the hash of the checked
     files (the GGUF's sha256 is kept as ``source_revision``)."""
+    out, files, digest = _smollm2_dir()
+    info = {"id": SMOLLM2["id"], "revision": content_revision(files), "notes": SMOLLM2["notes"],
+            "source_revision": f"gguf-sha256:{digest[:16]}"}
+    return _from_dir(str(out), dtype), _tokenizer(str(out)), info
+
+
+def _smollm2_dir() -> tuple[Path, dict[str, str], str]:
+    """(the converted folder, its checked file digests, the GGUF's sha256): converted now if missing or damaged."""
     gguf = _smollm2_gguf()
     digest = _cached_digest(gguf)
     out = cache_dir() / f"smollm2-135m-{digest[:12]}"
     files = verify_manifest(out)
     if files is None:
         files = _convert_gguf(gguf, out, digest)
-    info = {"id": SMOLLM2["id"], "revision": content_revision(files), "notes": SMOLLM2["notes"],
-            "source_revision": f"gguf-sha256:{digest[:16]}"}
-    return _from_dir(str(out), dtype), _tokenizer(str(out)), info
+    return out, files, digest
+
+
+def prepare(name: str) -> None:
+    """Do the one-time work of making ``name`` loadable (the offline model's conversion) without loading it: what
+    a caller runs once before starting parallel workers that would otherwise each convert it."""
+    if resolve(name) == ("builtin", "smollm2-135m"):
+        _smollm2_dir()
 
 
 def content_revision(files: dict[str, str]) -> str:

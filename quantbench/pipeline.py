@@ -65,6 +65,7 @@ def compose(name: str) -> type[Method]:
         __doc__ = f"Pipeline {name}: " + " -> ".join(f"{c.name} ({c.role})" for c in classes)
         role = "method"
         defaults = classes[0].defaults
+        headline = classes[0].headline
         choices = {k: v for c in classes for k, v in c.choices.items()}
         ranges = {k: v for c in classes for k, v in c.ranges.items()}
         needs_calibration = bool(reads)

@@ -4,6 +4,7 @@ resolved by :func:`quantbench.pipeline.resolve`, not here."""
 from __future__ import annotations
 
 from quantbench.errors import ConfigError
+from quantbench.options import did_you_mean
 
 
 class Registry(dict):
@@ -24,7 +25,7 @@ class Registry(dict):
 
     def get(self, name: str):  # noqa: D102 - a clear error instead of KeyError/None
         if name not in self:
-            raise ConfigError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self))}")
+            raise ConfigError(f"unknown {self.kind} {name!r}{did_you_mean(name, self)}; known: {', '.join(sorted(self))}")
         return self[name]
 
 

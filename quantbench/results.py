@@ -55,7 +55,8 @@ def _own_version() -> str:
                              text=True, timeout=5).stdout.strip()
         dirty = subprocess.run(  # code changes only: generated reports do not make a run "dirty"
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
-             ":!reports/results", ":!reports/*.md"], capture_output=True, text=True, timeout=5).stdout.strip()
+             ":!reports/results", ":!reports/sweep", ":!reports/plots", ":!reports/*.md",
+             ":!reports/*.html"], capture_output=True, text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return v
     return f"{v}+g{sha}{'.dirty' if dirty else ''}" if sha else v
@@ -95,9 +96,9 @@ def peak_memory_mb(device: str = "cpu") -> tuple[float, str]:
 class ResultStore:
     """A directory of result records: ``<config_hash>-<metric>.json``; merge two stores by copying files."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, sweep: bool = True):
         self.root = Path(root)
-        if self.root.is_dir():  # temporary files of writers that were killed
+        if sweep and self.root.is_dir():  # temporary files of writers that were killed (readers leave them)
             sweep_stale(self.root)
 
     def path(self, chash: str, metric: str) -> Path:

@@ -78,6 +78,19 @@ def resolve_config(cfg: RunConfig) -> tuple[Method, QuantScheme]:
     return method, scheme
 
 
+def run_identity(cfg: RunConfig, method: Method, scheme: QuantScheme, lm, calib) -> tuple[dict, str]:
+    """(what determines the plan's values, its hash = the run id): method, backend, seed, dtype, model content,
+    scheme, calibration, method options. Task and metric are added per record."""
+    base = {
+        "method": cfg.method, "backend": cfg.backend, "seed": cfg.seed, "dtype": str(cfg.torch_dtype)[6:],
+        "model": {k: lm.info[k] for k in ("name", "id", "revision", "tokenizer_hash")},
+        "scheme": scheme.to_dict(), "calibration": calib.config() if calib else None,
+    }
+    if method.opts:  # only methods with options carry the key, so option-less configs keep their hashes
+        base["method_options"] = method.opts
+    return base, config_hash(base)
+
+
 def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = False,
         resolved: tuple[Method, QuantScheme] | None = None) -> RunOutcome:
     """Run one (method, model, scheme, backend) configuration on ``tasks`` and write their records.
@@ -101,14 +114,7 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
         lm.exec_device = cfg.device
     calib = Calibration(lm.tokenizer, **calibration_config(method, cfg.calibration), lm=lm) \
         if method.needs_calibration else None
-    base = {
-        "method": cfg.method, "backend": cfg.backend, "seed": cfg.seed, "dtype": str(cfg.torch_dtype)[6:],
-        "model": {k: lm.info[k] for k in ("name", "id", "revision", "tokenizer_hash")},
-        "scheme": scheme.to_dict(), "calibration": calib.config() if calib else None,
-    }
-    if method.opts:  # only methods with options carry the key, so option-less configs keep their hashes
-        base["method_options"] = method.opts
-    run_id = config_hash(base)
+    base, run_id = run_identity(cfg, method, scheme, lm, calib)
     out = RunOutcome()
     todo = []
     for task in tasks:

@@ -126,6 +126,22 @@ def render(records: list[dict], title: str = "quantbench leaderboard") -> str:
     return "\n".join(out)
 
 
+def summary(records: list[dict]) -> str:
+    """What ``quantbench run`` prints: the tables of these records only (no page title, notes or provenance)."""
+    records = latest(records)
+    out = []
+    for model in sorted({r["model"] for r in records}):
+        mine = [r for r in records if r["model"] == model]
+        out += family_tables([r for r in mine if (r.get("task_config") or {}).get("family") in FAMILIES])
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for r in mine:
+            if (r.get("task_config") or {}).get("family") not in FAMILIES:
+                groups[(r["protocol"], r["metric"])].append(r)
+        for (protocol, metric), group in sorted(groups.items()):
+            out += [f"{model} · {protocol} · {metric}", "", table(group), ""]
+    return "\n".join(out)
+
+
 def paper_tables(records: list[dict], models: list[str] | None = None) -> list[str]:
     """Per model with paper numbers (:mod:`quantbench.reports.papers`): one row per (method, scheme, paper table),
     each task's paper value beside our latest record of the same (model, method, scheme, task, metric). A record

@@ -1,16 +1,19 @@
-"""The overview page ``reports/README.md`` and its plots, generated from a results directory.
+"""The overview page of a results directory: ``README.md`` (markdown), ``index.html`` (one self-contained page:
+sortable tables, the plots inlined, each number's provenance on hover and click) and ``plots/``.
 
-    python -m quantbench.reports.site reports/results -o reports/README.md   # plots go to reports/plots/
+    quantbench site reports/results -o reports/README.md       # index.html and plots/ beside it
 
-Sections: the method x scheme matrix of the offline default model on the main perplexity protocol (every
-registered method, the W4A4 / W6A6 / W4A16 / W3A16 columns first), the lm-eval family tables, the papers'
-numbers beside ours for the real models (cells only a GPU user can fill), the reproduction cards, and the plots
-(matplotlib PNG): PPL against bits per method, and the method ranking at W4A4.
+Models, protocols and schemes come from the records: one method x scheme matrix per (model, perplexity protocol)
+(every registered method a row; the W4A4 / W6A6 / W4A16 / W3A16 columns first), the lm-eval family tables, the
+papers' numbers beside ours for the real models, the reproduction cards, and the plots (matplotlib PNG): PPL
+against bits per method and the method ranking at W4A4, one colour per method in every figure. Records from several
+code revisions, or from a dirty tree, are named in a warning on the page and on stderr.
 """
 from __future__ import annotations
 
+import logging
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from tabulate import tabulate
@@ -19,15 +22,18 @@ from quantbench.errors import ConfigError
 from quantbench.pipeline import resolve
 from quantbench.quant import parse_scheme
 from quantbench.registry import METHODS
-from quantbench.reports import leaderboard
+from quantbench.reports import html, leaderboard
 from quantbench.reports.papers import CARDS, COSTS, INCONSISTENT
 from quantbench.reports.speed import read_tables
 
+log = logging.getLogger(__name__)
 MAIN_MODEL = "smollm2-135m"
-MAIN_PROTOCOL = "ppl/gptq/austen-test/seqlen2048/first8windows"  # tox -e bench's
+MAIN_PROTOCOL = "ppl/gptq/austen-test/seqlen2048/first8windows"  # the sweep's (tox -e sweep)
 HEADLINE = ("w4a4", "w6a6", "w4a16", "w3a16")
-WEIGHT_ONLY = ("w4a16g64", "w4a16", "w3a16", "w2a16g64")  # the plot's x axes, bits falling
+WEIGHT_ONLY = ("w4a16g64", "w4a16g128", "w4a16", "w3a16", "w2a16g64")  # the plot's x axes, bits falling
 WEIGHT_ACT = ("w8a8", "w6a6", "w4a8", "w4a4")
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354")
 
 
 def _bits(r: dict) -> tuple[int, int]:
@@ -37,6 +43,19 @@ def _bits(r: dict) -> tuple[int, int]:
 
 def _methods() -> list[str]:
     return sorted(n for n in METHODS if getattr(METHODS.get(n), "role", "") != "plugin")  # plug-ins: as "base+plugin"
+
+
+def colors(records: list[dict]) -> dict[str, str]:
+    """One colour per method, the same in every figure of a page: registered methods first (sorted), then the
+    pipelines and others the records name."""
+    names = list(dict.fromkeys([*_methods(), *sorted({r["method"] for r in records})]))
+    return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(names)}
+
+
+def sections(records: list[dict]) -> list[tuple[str, str]]:
+    """The (model, protocol) pairs with perplexity records, most records first (the main matrix leads)."""
+    n = Counter((r["model"], r["protocol"]) for r in leaderboard.latest(records) if r["metric"] == "ppl")
+    return sorted(n, key=lambda k: (-n[k], k))
 
 
 def matrix(records: list[dict], model: str = MAIN_MODEL, protocol: str = MAIN_PROTOCOL) -> tuple[list, list, dict]:
@@ -70,44 +89,79 @@ def _empty(method: str, scheme: str) -> str:
     return "n/a" if s.a is None and s.w is not None and not cls.weight_only else "·"
 
 
-def plots(cells: dict, out_dir: Path, model: str = MAIN_MODEL) -> list[Path]:
-    """PPL against bits per method and the W4A4 ranking; PNG files (matplotlib, Agg)."""
+def _label(r: dict, several: bool) -> str:
+    return f"{r['method']} ({r['config_hash'][:6]})" if several else r["method"]
+
+
+def plots(cells: dict, out_dir: Path, model: str = MAIN_MODEL, protocol: str = MAIN_PROTOCOL,
+          palette: dict[str, str] | None = None, tag: str = "") -> list[Path]:
+    """PPL against bits per method (markers on the scheme axis, no lines: the schemes are categories) and the W4A4
+    ranking (bars with their values and the FP16 line). Every record is drawn: a cell with several records (other
+    options or calibration) gets one marker or bar each, labelled with its config hash."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    palette = palette or colors([r for rs in cells.values() for r in rs])
     out_dir.mkdir(parents=True, exist_ok=True)
     made = []
-    panels = (("weight-only", [x for x in WEIGHT_ONLY if any(k[1] == x for k in cells)]),
-              ("weights and activations", [x for x in WEIGHT_ACT if any(k[1] == x for k in cells)]))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-    for ax, (title, schemes) in zip(axes, panels):
-        for m in sorted({m for m, s in cells if s in schemes}):
-            xs = [i for i, x in enumerate(schemes) if (m, x) in cells]
-            ax.plot(xs, [min(r["value"] for r in cells[(m, schemes[i])]) for i in xs], "o-", label=m)
-        if ("fp16", "w16a16") in cells:
-            ax.axhline(cells[("fp16", "w16a16")][0]["value"], color="k", ls="--", lw=1, label="fp16")
-        ax.set_xticks(range(len(schemes)), schemes)
-        ax.set_yscale("log")
-        ax.set_title(title)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("perplexity (log; lower is better)")
-    fig.suptitle(f"{model}: PPL against bits ({MAIN_PROTOCOL}; best record per cell)", fontsize=9)
-    fig.tight_layout()
-    path = out_dir / f"ppl-vs-bits-{model}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    made.append(path)
-    w4a4 = sorted(((min(r["value"] for r in rs), m) for (m, s), rs in cells.items() if s == "w4a4"))
+    fp = cells.get(("fp16", "w16a16"))
+    panels = [(title, [x for x in axis if any(k[1] == x for k in cells)])
+              for title, axis in (("weight-only", WEIGHT_ONLY), ("weights and activations", WEIGHT_ACT))]
+    panels = [p for p in panels if p[1]]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.5), sharey=True, squeeze=False)
+        methods = sorted({m for m, s in cells if any(s in p[1] for p in panels) and m != "fp16"})
+        for ax, (title, schemes) in zip(axes[0], panels):
+            for j, m in enumerate(methods):
+                offset = (j - (len(methods) - 1) / 2) * 0.6 / max(len(methods), 1)  # side by side within a scheme
+                xs, ys = [], []
+                for i, x in enumerate(schemes):
+                    for r in cells.get((m, x), []):
+                        xs.append(i + offset)
+                        ys.append(r["value"])
+                if xs:
+                    ax.plot(xs, ys, "o", ls="none", color=palette[m], label=m, ms=6)
+            if fp:
+                ax.axhline(fp[0]["value"], color="k", ls="--", lw=1, label=f"fp16 {leaderboard._fmt(fp[0]['value'])}")
+            ax.set_xticks(range(len(schemes)), schemes)
+            ax.set_xlim(-0.5, len(schemes) - 0.5)
+            ax.set_yscale("log")
+            ax.set_title(title)
+            ax.grid(axis="y", alpha=0.3)
+        axes[0][0].set_ylabel("perplexity (log; lower is better)")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        for ax in axes[0][1:]:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+        fig.legend(handles, labels, fontsize=7, loc="center right")
+        fig.suptitle(f"{model}: perplexity by scheme ({protocol}; every record drawn)", fontsize=9)
+        fig.tight_layout(rect=(0, 0, 0.84, 1))
+        path = out_dir / f"ppl-vs-bits-{model}{tag}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    w4a4 = [(r["value"], m, r) for (m, s), rs in cells.items() if s == "w4a4" for r in rs]
     if w4a4:
-        fig, ax = plt.subplots(figsize=(7, 0.5 + 0.4 * len(w4a4)))
-        ax.barh([m for _, m in w4a4][::-1], [v for v, _ in w4a4][::-1])
+        w4a4.sort(key=lambda t: t[0])
+        several = Counter(m for _, m, _ in w4a4)
+        fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.42 * len(w4a4)))
+        labels = [_label(r, several[m] > 1) for _, m, r in w4a4][::-1]
+        values = [v for v, _, _ in w4a4][::-1]
+        bars = ax.barh(labels, values, color=[palette[m] for _, m, _ in w4a4][::-1])
+        ax.bar_label(bars, labels=[leaderboard._fmt(v) for v in values], padding=3, fontsize=7)
+        if fp:
+            ax.axvline(fp[0]["value"], color="k", ls="--", lw=1, label=f"fp16 {leaderboard._fmt(fp[0]['value'])}")
+            ax.legend(fontsize=7, loc="lower right")
         ax.set_xscale("log")
+        ax.set_xlim(right=max(values) * 4)
         ax.set_xlabel("perplexity at W4A4 (log; lower is better)")
-        ax.set_title(f"{model}: method ranking at W4A4")
+        ax.set_title(f"{model}: methods at W4A4, best first ({protocol})", fontsize=9)
         fig.tight_layout()
-        path = out_dir / f"ranking-w4a4-{model}.png"
+        path = out_dir / f"ranking-w4a4-{model}{tag}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         made.append(path)
@@ -121,14 +175,16 @@ SPEED_CASES = (("prefill", 16), ("decode", 1))  # (phase, batch) of the layer ta
 
 
 def accuracy_vs_speed(cells: dict, layer_tables: dict[str, list[dict]], out_dir: Path,
-                      model: str = MAIN_MODEL) -> list[tuple[Path, str]]:
+                      model: str = MAIN_MODEL, palette: dict[str, str] | None = None) -> list[tuple[Path, str]]:
     """Per device with a layer table: each variant's speedup over bf16 (a LLaMA-2-7B decoder layer, Triton INT4
-    backend) against the PPL of the same method and scheme on ``model``; (PNG, caption) pairs."""
+    backend) against the PPL of the same method and scheme on ``model``; (PNG, caption) pairs. Colour = method,
+    marker = phase; each point labelled once."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    palette = palette or colors([r for rs in cells.values() for r in rs])
     made = []
     for device, rows in layer_tables.items():
         points = []
@@ -136,22 +192,31 @@ def accuracy_vs_speed(cells: dict, layer_tables: dict[str, list[dict]], out_dir:
             for r in rows:
                 cell = LAYER_VARIANTS.get(str(r.get("variant")))
                 if r.get("phase") == phase and r.get("batch") == batch and cell in cells:
-                    points.append((phase, batch, r["variant"], float(r["speedup vs bf16"]),
-                                   min(x["value"] for x in cells[cell])))
+                    for x in cells[cell]:
+                        points.append((phase, batch, r["variant"], float(r["speedup vs bf16"]), x["value"], cell[0]))
         if not points:
             continue
         out_dir.mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        labelled = set()
         for (phase, batch), marker in zip(SPEED_CASES, "os"):
             pts = [p for p in points if p[:2] == (phase, batch)]
-            ax.scatter([p[3] for p in pts], [p[4] for p in pts], marker=marker, label=f"{phase}, batch {batch}")
+            ax.scatter([p[3] for p in pts], [p[4] for p in pts], marker=marker, c=[palette[p[5]] for p in pts],
+                       edgecolors="k", linewidths=0.5, label=f"{phase}, batch {batch}")
             for p in pts:
-                ax.annotate(p[2], (p[3], p[4]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                where = (round(p[3], 3), round(p[4], 3))
+                if where not in labelled:  # one label per point drawn (bf16 is 1.0x in every phase)
+                    labelled.add(where)
+                    ax.annotate(p[2], (p[3], p[4]), fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.axvline(1.0, color="k", ls="--", lw=1)
         ax.set_yscale("log")
         ax.set_xlabel(f"speedup over bf16: LLaMA-2-7B decoder layer on {device}")
-        ax.set_ylabel(f"{model} perplexity (log)")
-        ax.legend(fontsize=7, loc="upper center")
+        ax.set_ylabel(f"{model} perplexity (log; lower is better)")
+        ax.set_title(f"Accuracy against speed ({device}; right and low is better)", fontsize=9)
+        from matplotlib.lines import Line2D
+
+        ax.legend(handles=[Line2D([], [], marker=m, ls="none", color="0.6", markeredgecolor="k", label=f"{ph}, batch {b}")
+                           for (ph, b), m in zip(SPEED_CASES, "os")], fontsize=7, loc="upper center")
         fig.tight_layout()
         path = out_dir / f"accuracy-vs-speed-{device.replace(' ', '-')}.png"
         fig.savefig(path, dpi=110)
@@ -203,36 +268,69 @@ def cost_table(records: list[dict], layer_tables: dict[str, list[dict]]) -> list
                                     "ours measured on", "source"], tablefmt="github", disable_numparse=True), ""]
 
 
+def revisions(records: list[dict]) -> tuple[Counter, list[str]]:
+    """(records per quantbench code revision, a warning per problem: several revisions, dirty trees)."""
+    revs = Counter((r.get("versions") or {}).get("quantbench") or "unknown" for r in records)
+    warn = []
+    if len(revs) > 1:
+        warn.append(f"these {len(records)} records come from {len(revs)} code revisions ("
+                    + ", ".join(f"{v}: {n}" for v, n in revs.most_common()) + "); compare within one revision")
+    dirty = [v for v in revs if v.endswith(".dirty")]
+    if dirty:
+        warn.append(f"{sum(revs[v] for v in dirty)} records come from a dirty tree (uncommitted code: "
+                    f"{', '.join(dirty)}); they cannot be reproduced from a revision")
+    return revs, warn
+
+
 def render(records: list[dict], out_path: Path, results_dir: str = "reports/results",
            speed_dir: Path | None = None) -> str:
-    headers, rows, cells = matrix(records)
-    fp = cells.get(("fp16", "w16a16"))
-    made = plots(cells, out_path.parent / "plots") if cells else []
-    speed = accuracy_vs_speed(cells, read_tables("layer", speed_dir), out_path.parent / "plots") if cells else []
+    return build(records, out_path, results_dir, speed_dir)["markdown"]
+
+
+def build(records: list[dict], out_path: Path, results_dir: str = "reports/results",
+          speed_dir: Path | None = None) -> dict:
+    """The page's parts: ``markdown`` (README.md), ``html`` (index.html), ``plots`` (paths), ``warnings``."""
+    palette = colors(records)
+    layer = read_tables("layer", speed_dir)
+    plot_dir = out_path.parent / "plots"
+    _, warnings = revisions(records)
     out = ["# quantbench results", "",
-           f"Generated by `python -m quantbench.reports.site {results_dir} -o {out_path}` (part of `tox -e bench`) "
-           "from the result records; each number's record (config hash, seed, versions, device) is in "
-           "`reports/results/`, and `reports/leaderboard.md` has every table in full.", "",
-           f"## {MAIN_MODEL}: every method x scheme (PPL, `{MAIN_PROTOCOL}`)", "",
-           f"FP16 reference: {leaderboard._fmt(fp[0]['value']) if fp else 'not run'}. "
-           "`·` = not run; `n/a` = weight-only, outside the reference scope of a method that exists to quantize "
-           "activations (SmoothQuant, DuQuant: `Method.weight_only`; it would run if asked). A cell with several "
-           "values: several records of the cell (other method options or calibration; see the leaderboard). The "
-           "W4A16/W3A16 columns are per-channel weights; grouped ones are among the other columns.", "",
-           tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), ""]
-    out += [f"![{p.stem}](plots/{p.name})" for p in made] + ([""] if made else [])
+           f"Generated by `quantbench site {results_dir} -o {out_path}` from the result records; each number's "
+           f"record (config hash, seed, versions, device) is in `{results_dir}/`, `index.html` beside this page has "
+           "the same tables sortable with every number's provenance, and the leaderboard has every table in full.",
+           ""]
+    out += [f"> **Warning:** {w}." for w in warnings] + ([""] if warnings else [])
+    made, speed, matrices = [], [], []
+    pairs = sections(records) or [(MAIN_MODEL, MAIN_PROTOCOL)]
+    for k, (model, protocol) in enumerate(pairs):
+        headers, rows, cells = matrix(records, model, protocol)
+        matrices.append((model, protocol, headers, rows, cells))
+        fp = cells.get(("fp16", "w16a16"))
+        out += [f"## {model}: every method x scheme (PPL, `{protocol}`)", "",
+                f"FP16 reference: {leaderboard._fmt(fp[0]['value']) if fp else 'not run'}. "
+                "`·` = not run; `n/a` = weight-only, outside the reference scope of a method that exists to quantize "
+                "activations (SmoothQuant, DuQuant: `Method.weight_only`; it would run if asked). A cell with "
+                "several values: several records of the cell (other method options or calibration; see the "
+                "leaderboard). The W4A16/W3A16 columns are per-channel weights; grouped ones are among the other "
+                "columns.", "", tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), ""]
+        if cells:
+            tag = "" if k == 0 else f"-{k}"
+            figs = plots(cells, plot_dir, model, protocol, palette, tag)
+            made += figs
+            out += [f"![{p.stem}](plots/{p.name})" for p in figs] + ([""] if figs else [])
+            if model == MAIN_MODEL and not speed:  # the speed tables pair with the offline model's accuracy
+                speed = accuracy_vs_speed(cells, layer, plot_dir, model, palette)
     for path, caption in speed:
         out += [f"![{path.stem}](plots/{path.name})", "", caption, ""]
     if not speed:
-        out += ["No speed tables yet for an accuracy-vs-speed plot (`bash bench/gpu.sh` on a GPU writes "
-                "`reports/layer-<device>.md`).", ""]
-    fam = [r for r in leaderboard.latest(records) if r["model"] == MAIN_MODEL
-           and (r.get("task_config") or {}).get("family") in leaderboard.FAMILIES]
-    if fam:
-        out += [f"## {MAIN_MODEL}: lm-eval tasks", "", *leaderboard.family_tables(fam)]
+        out += [f"No accuracy-vs-speed plot: it pairs {MAIN_MODEL}'s accuracy with the layer speed tables "
+                "(`bash bench/gpu.sh` on a GPU writes `reports/layer-<device>.md`).", ""]
+    fam = [r for r in leaderboard.latest(records) if (r.get("task_config") or {}).get("family") in leaderboard.FAMILIES]
+    for model in sorted({r["model"] for r in fam}):
+        out += [f"## {model}: lm-eval tasks", "", *leaderboard.family_tables([r for r in fam if r["model"] == model])]
     out += ["## The papers' numbers beside ours (real models: a GPU and the hub)", ""]
     out += leaderboard.paper_tables(records)
-    out += cost_table(records, read_tables("layer", speed_dir))
+    out += cost_table(records, layer)
     out += ["Paper-internal inconsistencies, not used as targets: " + "; ".join(f"{w} — {y}" for w, y in INCONSISTENT)
             + ".", "", "## Reproduction cards", "",
             "Run `pytest bench/ <command>` on a GPU machine with the hub; expect each value within the tolerance. "
@@ -243,19 +341,25 @@ def render(records: list[dict], out_path: Path, results_dir: str = "reports/resu
     out += [tabulate(rows, headers=["method", "model", "scheme", "expect", "tol", "source", "settings", "command"],
                      tablefmt="github", disable_numparse=True), ""]
     out += ["## Provenance", "", leaderboard._provenance(leaderboard.latest(records)), ""]
-    return "\n".join(out)
+    page = html.page(records, matrices, [*made, *(p for p, _ in speed)], warnings, palette, results_dir)
+    return {"markdown": "\n".join(out), "html": page, "plots": [*made, *(p for p, _ in speed)], "warnings": warnings}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, records = leaderboard.read_args(__doc__, argv, "the page (default: reports/README.md)", "reports/README.md")
+    args, records = leaderboard.read_args(__doc__, argv, "the markdown page (default: RESULTS_DIR/../README.md); "
+                                          "index.html and plots/ go beside it")
     if records is None:
         return 1
-    out = Path(args.output)
-    text = render(records, out, args.results_dir)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
-    print(f"wrote {out}")
+    out = Path(args.output) if args.output else Path(args.results_dir).resolve().parent / "README.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = build(records, out, args.results_dir)
+    for w in parts["warnings"]:
+        print(f"quantbench site: warning: {w}", file=sys.stderr)
+    for path, text in ((out, parts["markdown"]), (out.parent / "index.html", parts["html"])):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    print(f"wrote {out}, {out.parent / 'index.html'} and {len(parts['plots'])} plots in {out.parent / 'plots'}")
     return 0
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantbench import cache, models
+from quantbench import cache, models, options
+from quantbench.cases import build_cases
 from quantbench.errors import NumericalError, QuantbenchError, StorageError, UnavailableError
 from quantbench.layerwise import BlockCheckpoint
 from quantbench.pipeline import resolve
@@ -31,30 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CAL = {"corpus": "austen", "nsamples": 2, "seqlen": 64}
 
 
-def _bench_defaults() -> dict:
-    """The bench's option defaults, read from its own ``pytest_addoption`` (no copy to drift)."""
-    spec = importlib.util.spec_from_file_location("bench_conftest", ROOT / "bench" / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_conftest"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    found: dict = {}
-
-    class Parser:
-        def getgroup(self, *_a, **_k):
-            return self
-
-        def addoption(self, name, **kw):
-            found[name.lstrip("-").replace("-", "_")] = kw.get("default", False if kw.get("action") else None)
-
-    mod.pytest_addoption(Parser())
-    return mod, found
-
-
-BENCH, DEFAULTS = _bench_defaults()
+DEFAULTS = options.defaults()  # the bench's and the CLI's option table (quantbench/options.py)
 
 
 def _cases(**over):
-    return BENCH.build_cases(Namespace(**{**DEFAULTS, "model": "tiny-llama", "seqlen": 64, **over}))
+    return build_cases(Namespace(**{**DEFAULTS, "model": "tiny-llama", "seqlen": 64, **over}))
 
 
 # ---------------------------------------------------------------- 3, 4, 6, 7: every option checked up front

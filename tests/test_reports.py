@@ -2,7 +2,6 @@
 regression check (its committed baselines re-run in CI)."""
 import argparse
 import copy
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from quantbench import models
+from quantbench import cases as cases_mod, models, options
 from quantbench.adapters import geometry
 from quantbench.reports import leaderboard, papers, regress
 
@@ -19,23 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _bench_parser() -> argparse.ArgumentParser:
-    """The bench's own options (bench/conftest.py::pytest_addoption) on a plain argparse parser."""
-    spec = importlib.util.spec_from_file_location("bench_conftest", ROOT / "bench" / "conftest.py")
-    conf = importlib.util.module_from_spec(spec)
-    sys.modules["bench_conftest"] = conf  # its dataclass needs its module registered
-    spec.loader.exec_module(conf)
+    """The bench's options (quantbench/options.py: the one table pytest bench/ and quantbench run share)."""
     ap = argparse.ArgumentParser()
-
-    class Group:
-        def addoption(self, *names, **kw):
-            ap.add_argument(*names, **kw)
-
-    class Parser:
-        def getgroup(self, *_a, **_k):
-            return Group()
-
-    conf.pytest_addoption(Parser())
-    return ap, conf
+    options.add_options(ap.add_argument)
+    return ap, cases_mod
 
 
 # the published config.json geometry of the cards' models (the checks a card passes are the real model's)
@@ -162,7 +148,7 @@ def test_overview_page_and_plots_from_records(tmp_path):
 
     rows = read_tables("layer", layer.parent)["Fake GPU"]
     assert rows[1] == {"phase": "prefill", "batch": 16.0, "variant": "w4a4 rtn", "ms": 38.2, "speedup vs bf16": 0.79}
-    assert "No speed tables yet" in site.render(recs, tmp_path / "R2.md", "results", speed_dir=tmp_path / "none")
+    assert "No accuracy-vs-speed plot" in site.render(recs, tmp_path / "R2.md", "results", speed_dir=tmp_path / "none")
     table = text.split("| method", 1)[1]
     rtn = next(line for line in table.splitlines() if line.startswith("| rtn "))
     assert [c.strip() for c in rtn.split("|")[1:6]] == ["rtn", "5261.80", "·", "46.80", "·"]
@@ -200,7 +186,10 @@ def test_cache_switch_list_and_clean(tmp_path, monkeypatch, capsys):
     assert [p.name for p in cache.entries()] == ["k1.pt", "k2.pt"]
     assert cli.main(["cache", "list"]) == 0 and "act-stats/k1.pt" in capsys.readouterr().out
     assert cli.main(["cache", "clean", "act-stats"]) == 0 and "removed 2 files" in capsys.readouterr().out
-    assert [p.name for p in cache.entries()] == ["k2.pt"] and cli.main(["cache", "bogus"]) == 2
+    assert [p.name for p in cache.entries()] == ["k2.pt"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["cache", "bogus"])
+    assert e.value.code == 4 and "invalid choice: 'bogus'" in capsys.readouterr().err
 
 
 def test_calibration_windows_are_cached_by_tokenizer_and_corpus_content(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from quantbench.errors import ConfigError
+from quantbench.options import did_you_mean
 from quantbench.registry import TASKS
 
 
@@ -34,10 +35,21 @@ def make_task(name: str, **options) -> Task:
     if name in GROUPS:
         raise ConfigError(f"{name!r} is a group of tasks ({', '.join(GROUPS[name])}): expand it with expand()")
     prefix, _, arg = name.partition("-")
+    hint = did_you_mean(name, known_names())
     if prefix not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; known families: {', '.join(f'{p}-<...>' for p in sorted(TASKS))}"
+        raise ConfigError(f"unknown task {name!r}{hint}; known families: {', '.join(f'{p}-<...>' for p in sorted(TASKS))}"
                           f"; groups: {', '.join(GROUPS)} (e.g. ppl-austen, qa-piqa, mmlu-5shot, local)")
-    return TASKS[prefix](arg, **options)
+    try:
+        return TASKS[prefix](arg, **options)
+    except ConfigError as e:
+        if hint and str(e).startswith("unknown"):
+            raise ConfigError(f"{e}{hint}") from None
+        raise
+
+
+def known_names() -> list[str]:
+    """Every task and group name the families declare (what "did you mean" picks from)."""
+    return list(dict.fromkeys([*GROUPS, *(t for ts in GROUPS.values() for t in ts)]))
 
 
 def expand(names: list[str]) -> list[str]:

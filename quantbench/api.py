@@ -1,0 +1,167 @@
+"""The Python API: quantize a model, run it, evaluate it, read results.
+
+    import quantbench
+    qm = quantbench.quantize("smollm2-135m", "gptq", "w4a16", calibration={"nsamples": 4, "seqlen": 512})
+    model = qm.realize()                                   # an HF model: generate(), forward, ...
+    quantbench.evaluate(qm, "ppl-austen", seqlen=512, ppl_windows=4)   # {"ppl-austen": {"ppl": ...}}
+    quantbench.load_results("reports/results")             # pandas.DataFrame, one row per record
+
+The same path as ``quantbench run`` (:mod:`quantbench.runner`): options and shapes are validated before any work,
+calibrated plans go through the content-keyed cache (:mod:`quantbench.planstore`), and every function accepts an
+already-loaded ``transformers`` model where it accepts a model name.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantbench import models, planstore, validate
+from quantbench.data import Calibration
+from quantbench.errors import ConfigError
+from quantbench.models import LoadedModel
+from quantbench.pipeline import resolve
+from quantbench.plan import QuantizedModel as Plan
+from quantbench.plugins import load_plugins
+from quantbench.quant import parse_scheme
+from quantbench.registry import BACKENDS
+from quantbench.results import ResultStore
+from quantbench.runner import RunConfig, calibration_config, run_identity, seed_everything
+from quantbench.tasks import expand, make_task
+
+log = logging.getLogger(__name__)
+CALIBRATION_KEYS = ("corpus", "nsamples", "seqlen", "seed")
+# load_results' first columns: what a user filters and compares on; the rest of each record follows, nested
+FIRST_COLUMNS = ("model", "method", "scheme", "task", "metric", "value", "protocol", "backend", "config_hash",
+                 "calibration", "seed", "revision", "device", "created")
+
+
+@dataclass
+class QuantizedModel:
+    """A quantized model: the plan (:class:`quantbench.plan.QuantizedModel`: the FP model with its transforms
+    folded, integer codes and scales per linear, attention quantizers), its tokenizer and its provenance
+    (``info``: method, scheme, calibration, config hash, model revision, where the plan came from)."""
+
+    plan: Plan
+    tokenizer: object
+    info: dict = field(default_factory=dict)
+    _realized: tuple[str, nn.Module] | None = field(default=None, repr=False)
+
+    def realize(self, backend: str = "fake_quant") -> nn.Module:
+        """The model as ``backend`` runs the plan: an HF model (``generate``, forward). The FP modules are swapped
+        in place, so a plan is realized once; asking again for the same backend returns the same module."""
+        if self._realized is not None:
+            if self._realized[0] != backend:
+                raise ConfigError(f"this model is already realized with backend {self._realized[0]!r}; quantize "
+                                  f"again to run it with {backend!r}")
+            return self._realized[1]
+        load_plugins()
+        module = BACKENDS.get(backend)(self.plan)
+        self._realized = (backend, module)
+        return module
+
+
+def _device_of(model: nn.Module) -> str:
+    p = next(model.parameters(), None)
+    return str(p.device) if p is not None else "cpu"
+
+
+def _loaded(model, tokenizer, dtype: str, device: str | None, seed: int) -> tuple[LoadedModel, str]:
+    """(loaded model, device) from a name (zoo alias, HF id, local dir, built-in) or an nn.Module."""
+    if isinstance(model, str):
+        device = validate.check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        models.check_available(model)
+        cfg = RunConfig("fp16", model, dtype=dtype, device=device)
+        lm = models.load(model, cfg.torch_dtype, device, seed=seed)
+        if tokenizer is not None:
+            lm.tokenizer = tokenizer
+        return lm, device
+    if isinstance(model, nn.Module):
+        return models.wrap(model, tokenizer), _device_of(model)
+    raise ConfigError(f"model must be a name, a path or a transformers model, not {type(model).__name__}")
+
+
+def quantize(model, method: str, scheme: str = "headline", *, tokenizer=None, calibration: dict | None = None,
+             device: str | None = None, dtype: str = "auto", seed: int = 0, **options) -> QuantizedModel:
+    """Quantize ``model`` (an HF id, zoo alias, local path, built-in name, or a loaded ``transformers`` model:
+    quantized in place) with ``method`` (a registered name or an ``a+b+c`` pipeline) at ``scheme`` (``w4a4``,
+    ``w4a16g128``, ...; ``headline``: the method's own). ``calibration``: ``corpus``, ``nsamples``, ``seqlen``,
+    ``seed`` (unset keys: the method's reference recipe); ``options``: the method's options (``percdamp=0.1``)."""
+    load_plugins()
+    calibration = dict(calibration or {})
+    unknown = sorted(set(calibration) - set(CALIBRATION_KEYS))
+    if unknown:
+        raise ConfigError(f"calibration has no key {', '.join(unknown)}; its keys: {', '.join(CALIBRATION_KEYS)}")
+    cls = resolve(method)
+    text = cls.headline if scheme == "headline" else scheme
+    probe = cls(seed=seed, **options)  # option values and the scheme are checked before the model loads
+    sch = parse_scheme("w16a16" if not cls.quantizes else text, probe.specs())
+    lm, device = _loaded(model, tokenizer, dtype, device, seed)
+    m = cls(seed=seed, device=device, **options)
+    merged = calibration_config(m, calibration) if m.needs_calibration else None
+    validate.check_run(m, sch, model=lm.info["name"], device=device, backend="fake_quant", calibration=merged,
+                       geometry=lm.adapter)
+    if m.needs_calibration and lm.tokenizer is None:
+        raise ConfigError(f"{method} calibrates on text: pass tokenizer= with the model")
+    seed_everything(seed)
+    calib = Calibration(lm.tokenizer, **merged, lm=lm) if merged else None
+    cfg = RunConfig(cls.name, lm.info["name"], sch.name, "fake_quant", seed, dtype, device, calibration, {},
+                    options)
+    base, run_id = run_identity(cfg, m, sch, lm, calib)
+    plan, source = planstore.quantize(m, lm, sch, calib, planstore.calibration_key(run_id, device))
+    info = {"method": cls.name, "scheme": sch.name, "config_hash": run_id, "plan_source": source,
+            "model": base["model"], "calibration": base["calibration"], "method_options": m.opts,
+            "method_info": plan.info}
+    return QuantizedModel(plan, lm.tokenizer, info)
+
+
+def evaluate(model, tasks, *, tokenizer=None, seqlen: int = 2048, ppl_windows: int | None = None,
+             device: str | None = None, **task_options) -> dict[str, dict[str, float]]:
+    """Evaluate ``model`` (a :class:`QuantizedModel`, realized with the fake-quant backend unless it already is; a
+    loaded ``transformers`` model; or a model name, loaded in FP) on ``tasks`` (a name, a group, or a list of them:
+    ``ppl-austen``, ``local``, ``mmlu-local-5shot``, ...) -> ``{task: {metric: value}}``. ``seqlen``/``ppl_windows``:
+    the perplexity window length and an optional cap on windows; ``task_options``: ``batch_size``, ``limit``,
+    ``add_bos``, ``variant`` (c4), ``longbench_max_length``, ``passkey_lengths``."""
+    load_plugins()
+    names = expand([tasks] if isinstance(tasks, str) else list(tasks))
+    built = [make_task(t, seqlen=seqlen, max_windows=ppl_windows or 0, **task_options) for t in names]
+    if isinstance(model, QuantizedModel):
+        module, tok, context = model.realize() if model._realized is None else model._realized[1], \
+            tokenizer or model.tokenizer, model.plan.adapter.context
+    else:
+        lm, _ = _loaded(model, tokenizer, "auto", device, 0)
+        module, tok, context = lm.model, lm.tokenizer, lm.adapter.context
+    if tok is None:
+        raise ConfigError("evaluation reads text: pass tokenizer= with the model")
+    for task in built:
+        s = task.config.get("seqlen")
+        if s and context and s > context:
+            raise ConfigError(f"{task.name}: seqlen {s} is longer than the model's context of {context} tokens")
+    out = {}
+    for task in built:
+        task.prepare(tok)
+        with torch.no_grad():
+            out[task.name] = task.evaluate(module, tok)
+    return out
+
+
+def load_results(path) -> "pandas.DataFrame":  # noqa: F821 - pandas is imported here, not at start-up
+    """The records of a results directory as a DataFrame: one row per record, :data:`FIRST_COLUMNS` first
+    (``calibration`` as ``corpus NxL sS``, ``revision`` = the quantbench code revision, ``device`` = its name),
+    then every other field of the record as it is (nested dicts stay dicts)."""
+    import pandas as pd
+
+    if not Path(path).is_dir():
+        raise ConfigError(f"no results directory {path}: pass the --results-dir a run wrote into")
+    rows = []
+    for r in ResultStore(path, sweep=False).records():
+        c = r.get("calibration")
+        first = {"calibration": f"{c['corpus']} {c['nsamples']}x{c['seqlen']} s{c['seed']}" if c else None,
+                 "revision": (r.get("versions") or {}).get("quantbench"),
+                 "device": (r.get("device") or {}).get("name")}
+        rows.append({**{k: first.get(k, r.get(k)) for k in FIRST_COLUMNS},
+                     **{k: v for k, v in r.items() if k not in FIRST_COLUMNS}})
+    return pd.DataFrame(rows, columns=None if rows else list(FIRST_COLUMNS))
