@@ -72,11 +72,16 @@ _IDS: dict[tuple[str, str, str], torch.Tensor] = {}
 
 
 def joined_ids(tokenizer, corpus: str, split: str) -> torch.Tensor:
-    """The whole split joined with "\\n\\n" (GPTQ protocol), tokenized once per process and tokenizer content."""
+    """The whole split joined with "\\n\\n" (GPTQ protocol), tokenized once per process and tokenizer content (the
+    shipped corpus: once per machine, in the ``eval-ids`` cache)."""
     key = (tokenizer_hash(tokenizer), corpus, split)
     if key not in _IDS:
-        text = corpus_text(corpus, split) if corpus in SHIPPED else "\n\n".join(_texts(corpus, split))
-        _IDS[key] = _encode(tokenizer, text)
+        if corpus in SHIPPED:  # also on disk, keyed by tokenizer and corpus content: workers and reruns skip it
+            ident = {"tokenizer": key[0], "source": corpus_manifest()[corpus], "split": split, "joined": "\n\n"}
+            _IDS[key] = load_or_build("eval-ids", key_of(ident), lambda: _encode(tokenizer, corpus_text(corpus, split)),
+                                      f"{corpus}/{split} token ids")
+        else:
+            _IDS[key] = _encode(tokenizer, "\n\n".join(_texts(corpus, split)))
     return _IDS[key]
 
 
