@@ -14,15 +14,12 @@ import os
 
 import pytest
 
-from quantbench.cache import cache_root
+from quantbench.cache import keep_benchmarks_out_of_the_checkout
 from quantbench.cases import Case, build_cases  # noqa: F401  (Case: the parametrized value)
 from quantbench.errors import QuantbenchError
 from quantbench.options import add_options
 from quantbench.reports.leaderboard import render
 from quantbench.results import ResultStore
-
-BENCHMARK_STORAGE_DEFAULT = "file://./.benchmarks"  # pytest-benchmark's: inside the checkout
-
 
 def pytest_addoption(parser):
     add_options(parser.getgroup("quantbench", "quantbench benchmark runs").addoption)
@@ -36,8 +33,7 @@ def pytest_configure(config):
     if config.option.log_cli_level is None:  # live "what is happening" logs unless the user chose a level
         config.option.log_cli_level = "INFO"
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    if getattr(config.option, "benchmark_storage", None) == BENCHMARK_STORAGE_DEFAULT:  # not into the checkout
-        config.option.benchmark_storage = "file://" + str(cache_root() / "benchmarks")
+    keep_benchmarks_out_of_the_checkout(config)
     if getattr(config.option, "no_cache", False):
         os.environ["QUANTBENCH_NO_CACHE"] = "1"
     try:

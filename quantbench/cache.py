@@ -30,6 +30,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("QUANTBENCH_CACHE", Path.home() / ".cache" / "quantbench"))
 
 
+def keep_benchmarks_out_of_the_checkout(config) -> None:
+    """pytest-benchmark creates its storage (default ``./.benchmarks``) in every session: point it into the cache
+    unless the user chose one (called from the ``pytest_configure`` of tests/ and bench/)."""
+    if getattr(config.option, "benchmark_storage", None) == "file://./.benchmarks":
+        config.option.benchmark_storage = "file://" + str(cache_root() / "benchmarks")
+
+
 def cache_dir() -> Path:
     """Root of quantbench's on-disk caches (:func:`cache_root`), created; the first call per process and root
     removes stale temporary files (:func:`sweep_stale`)."""

@@ -8,9 +8,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from quantbench import models  # noqa: E402
+from quantbench.cache import keep_benchmarks_out_of_the_checkout  # noqa: E402
 from quantbench.plugins import load_plugins  # noqa: E402
 
 load_plugins()
+
+
+def pytest_configure(config):
+    keep_benchmarks_out_of_the_checkout(config)
 
 
 @pytest.fixture(scope="session", autouse=True)
