@@ -22,6 +22,7 @@ from torch import nn
 from quantbench import models, planstore, validate
 from quantbench.data import Calibration
 from quantbench.errors import ConfigError
+from quantbench.adapters import adapter_for
 from quantbench.models import LoadedModel
 from quantbench.pipeline import resolve
 from quantbench.plan import QuantizedModel as Plan
@@ -69,19 +70,26 @@ def _device_of(model: nn.Module) -> str:
     return str(p.device) if p is not None else "cpu"
 
 
-def _loaded(model, tokenizer, dtype: str, device: str | None, seed: int) -> tuple[LoadedModel, str]:
-    """(loaded model, device) from a name (zoo alias, HF id, local dir, built-in) or an nn.Module."""
+def _target(model, device: str | None) -> tuple[str, object, str]:
+    """(name, geometry, device) of a model name or an nn.Module, without loading weights: what is validated first."""
     if isinstance(model, str):
         device = validate.check_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         models.check_available(model)
-        cfg = RunConfig("fp16", model, dtype=dtype, device=device)
-        lm = models.load(model, cfg.torch_dtype, device, seed=seed)
-        if tokenizer is not None:
-            lm.tokenizer = tokenizer
-        return lm, device
+        return model, models.geometry_of(model), device
     if isinstance(model, nn.Module):
-        return models.wrap(model, tokenizer), _device_of(model)
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        return name, adapter_for(model), _device_of(model)
     raise ConfigError(f"model must be a name, a path or a transformers model, not {type(model).__name__}")
+
+
+def _loaded(model, tokenizer, dtype: str, device: str, seed: int) -> LoadedModel:
+    """The model loaded (a name: zoo alias, HF id, local dir, built-in) or wrapped where it is (an nn.Module)."""
+    if isinstance(model, nn.Module):
+        return models.wrap(model, tokenizer)
+    lm = models.load(model, RunConfig("fp16", model, dtype=dtype, device=device).torch_dtype, device, seed=seed)
+    if tokenizer is not None:
+        lm.tokenizer = tokenizer
+    return lm
 
 
 def quantize(model, method: str, scheme: str = "headline", *, tokenizer=None, calibration: dict | None = None,
@@ -97,15 +105,14 @@ def quantize(model, method: str, scheme: str = "headline", *, tokenizer=None, ca
         raise ConfigError(f"calibration has no key {', '.join(unknown)}; its keys: {', '.join(CALIBRATION_KEYS)}")
     cls = resolve(method)
     text = cls.headline if scheme == "headline" else scheme
-    probe = cls(seed=seed, **options)  # option values and the scheme are checked before the model loads
-    sch = parse_scheme("w16a16" if not cls.quantizes else text, probe.specs())
-    lm, device = _loaded(model, tokenizer, dtype, device, seed)
-    m = cls(seed=seed, device=device, **options)
+    name, geo, device = _target(model, device)
+    m = cls(seed=seed, device=device, **options)  # options, scheme, shapes: all checked before the model loads
+    sch = parse_scheme("w16a16" if not cls.quantizes else text, m.specs())
     merged = calibration_config(m, calibration) if m.needs_calibration else None
-    validate.check_run(m, sch, model=lm.info["name"], device=device, backend="fake_quant", calibration=merged,
-                       geometry=lm.adapter)
-    if m.needs_calibration and lm.tokenizer is None:
+    validate.check_run(m, sch, model=name, device=device, backend="fake_quant", calibration=merged, geometry=geo)
+    if m.needs_calibration and tokenizer is None and isinstance(model, nn.Module):
         raise ConfigError(f"{method} calibrates on text: pass tokenizer= with the model")
+    lm = _loaded(model, tokenizer, dtype, device, seed)
     seed_everything(seed)
     calib = Calibration(lm.tokenizer, **merged, lm=lm) if merged else None
     cfg = RunConfig(cls.name, lm.info["name"], sch.name, "fake_quant", seed, dtype, device, calibration, {},
@@ -128,18 +135,19 @@ def evaluate(model, tasks, *, tokenizer=None, seqlen: int = 2048, ppl_windows: i
     load_plugins()
     names = expand([tasks] if isinstance(tasks, str) else list(tasks))
     built = [make_task(t, seqlen=seqlen, max_windows=ppl_windows or 0, **task_options) for t in names]
-    if isinstance(model, QuantizedModel):
-        module, tok, context = model.realize() if model._realized is None else model._realized[1], \
-            tokenizer or model.tokenizer, model.plan.adapter.context
-    else:
-        lm, _ = _loaded(model, tokenizer, "auto", device, 0)
-        module, tok, context = lm.model, lm.tokenizer, lm.adapter.context
-    if tok is None:
-        raise ConfigError("evaluation reads text: pass tokenizer= with the model")
-    for task in built:
+    target = None if isinstance(model, QuantizedModel) else _target(model, device)
+    context = model.plan.adapter.context if target is None else target[1].context
+    for task in built:  # before anything loads
         s = task.config.get("seqlen")
         if s and context and s > context:
             raise ConfigError(f"{task.name}: seqlen {s} is longer than the model's context of {context} tokens")
+    if isinstance(model, QuantizedModel):
+        module, tok = model.realize() if model._realized is None else model._realized[1], tokenizer or model.tokenizer
+    else:
+        lm = _loaded(model, tokenizer, "auto", target[2], 0)
+        module, tok = lm.model, lm.tokenizer
+    if tok is None:
+        raise ConfigError("evaluation reads text: pass tokenizer= with the model")
     out = {}
     for task in built:
         task.prepare(tok)
