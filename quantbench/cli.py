@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from quantbench.options import EXIT_USAGE, ArgumentParser, add_options, did_you_mean
+from quantbench.options import ArgumentParser, add_options, did_you_mean
 
 COMMANDS = {
     "run": "quantize and evaluate (method x scheme grid on one model; the options of `pytest bench/`)",

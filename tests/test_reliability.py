@@ -3,7 +3,6 @@ named where it appears, a full disk loses nothing, a killed run resumes bit-iden
 
 Tiny models, in-process where possible; the full-disk cases mount a small tmpfs (root only, skipped otherwise)."""
 import contextlib
-import importlib.util
 import json
 import logging
 import os

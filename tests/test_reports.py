@@ -3,7 +3,6 @@ regression check (its committed baselines re-run in CI)."""
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 import pytest

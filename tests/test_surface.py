@@ -35,9 +35,6 @@ def test_help_is_on_stdout_with_exit_0_and_loads_no_torch():
         p = qb(*args)
         assert p.returncode == 0 and "usage: quantbench" in p.stdout and p.stderr == "", (args, p.stderr)
     assert "--calib-seqlen" in qb("run", "--help").stdout and "--speed" not in qb("run", "--help").stdout
-    code = "import sys, quantbench.cli as c; c.parser().parse_args(['run', '--help'])"
-    probe = subprocess.run([sys.executable, "-c", code + ""], capture_output=True, text=True)
-    assert probe.returncode == 0
     mods = subprocess.run([sys.executable, "-c", "import sys, quantbench.cli; print('torch' in sys.modules)"],
                           capture_output=True, text=True)
     assert mods.stdout.strip() == "False"
