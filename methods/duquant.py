@@ -16,6 +16,10 @@ the block size (it must equal head_dim there); here it is head_dim whatever the 
 rotation, softmax is not quantized; embeddings, final norm and lm_head stay FP. Weights per-channel asymmetric,
 activations per-token asymmetric, Q/K/V per token and head (``w4a4q4kv4`` is the papers' "W4A4").
 
+The greedy search runs in float64 (exact: a float32 screen with a rigorous error bound, float64 where the bound
+cannot decide, :func:`quantbench.duquant.greedy_rotation`); ``search_dtype=float32`` searches in float32 throughout
+(faster, not bit-exact; its agreement with float64 is measured in ``docs/performance.md``).
+
 The block size is the largest power of two ≤ ``block_size`` (128) that divides every linear input (SmolLM2's 576
 gives 64) and is recorded. The online transform (an optional division, then ``G`` as one
 :class:`~quantbench.transforms.DuQuantRotation`) is part of the plan and acts on channels only, so any batch size
@@ -81,7 +85,7 @@ class DuQuantLinear(nn.Module):
             for t in self.pre:
                 x = t(x)
             self.search = dq.calibrate(x.detach(), m.block, m.opts["steps"], m.opts["permutation_times"],
-                                       m.opts["mode"], m.gen)
+                                       m.opts["mode"], m.gen, dtype=m.opts["search_dtype"])
             g = DuQuantRotation(torch.stack([r.float() for r in self.search.rotations]),
                                 torch.stack(self.search.perms) if self.search.perms else
                                 torch.empty(0, x.shape[-1], dtype=torch.long))
@@ -125,8 +129,9 @@ class DuQuant(Method):
     modifies = ("norms", "linears")  # smoothing fused into norms and neighbouring linears
     calib_defaults = {"nsamples": 128, "seqlen": 2048, "seed": 2}
     options = {"mode": "repo", "block_size": 128, "steps": 256, "permutation_times": 1, "alpha": 0.6,
-               "swc": 0.8, "lac": 0.9, "epochs": 0, "lwc_lr": 1e-2, "smooth": True}
-    choices = {"mode": dq.MODES}
+               "swc": 0.8, "lac": 0.9, "epochs": 0, "lwc_lr": 1e-2, "smooth": True, "search_dtype": "float64"}
+    neutral = {"search_dtype": "float64"}  # added with the exact fast search: float64 is what earlier records ran
+    choices = {"mode": dq.MODES, "search_dtype": dq.SEARCH_DTYPES}
     ranges = {"block_size": (2, None), "steps": (0, None), "permutation_times": (0, None), "alpha": (0, 1),
               "swc": (0, 1), "lac": (0, 1), "epochs": (0, None), "lwc_lr": (0, None)}
     defaults = {"w": QuantSpec(4, "minmax", "channel"), "a": QuantSpec(4, "minmax", "token"),

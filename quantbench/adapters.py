@@ -100,8 +100,23 @@ class LlamaAdapter:
         """(input_layernorm before q/k/v, post_attention_layernorm before gate/up)."""
         return block.input_layernorm, block.post_attention_layernorm
 
+    ATTENTION, MLP = "self_attn", "mlp"  # the sub-layers' paths inside a block
+
     def attention(self, block: nn.Module) -> nn.Module:
-        return block.self_attn
+        return block.get_submodule(self.ATTENTION)
+
+    @staticmethod
+    def attention_output(o_proj: nn.Module, o_input):
+        """What the attention sub-layer returns given its o_proj and that linear's input: ``LlamaAttention.forward``
+        ends ``return self.o_proj(attn_output), attn_weights`` (the decoder layer discards the weights). The
+        layer-wise runner's replay (``layerwise._Replay``) uses it to skip recomputing attention."""
+        return o_proj(o_input), None
+
+    @staticmethod
+    def mlp_output(down_proj: nn.Module, down_input):
+        """What the MLP sub-layer returns given its down_proj and that linear's input (``LlamaMLP.forward`` is
+        ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``)."""
+        return down_proj(down_input)
 
     def linears(self, block: nn.Module) -> dict[str, nn.Linear]:
         """role -> linear of one block, in the order q, k, v, o, gate, up, down."""

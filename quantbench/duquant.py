@@ -95,12 +95,17 @@ def _swap_index(row: int, col: int, mode: str, b: int) -> int:
     return row % b if mode == "repo" else col
 
 
-def _finish(mats: list[torch.Tensor], steps: list[int], scores: list[float], b: int) -> Search:
+def _finish(prods: list[torch.Tensor], steps: list[int], scores: list[float]) -> Search:
+    """Keep the best prefix of steps; ``prods[k]`` is the product of the first ``k`` step matrices."""
     kept = int(torch.tensor(scores).argmin())
-    r = torch.eye(b, dtype=torch.float64)
-    for m in mats[:kept]:
-        r = r @ m
-    return Search(r, steps[:kept], scores, kept)
+    return Search(prods[kept].to(torch.float64), steps[:kept], scores, kept)
+
+
+def _products(mats: list[torch.Tensor], b: int) -> list[torch.Tensor]:
+    r = [torch.eye(b, dtype=torch.float64)]
+    for m in mats:
+        r.append(r[-1] @ m)
+    return r
 
 
 def _matrices(b: int, steps: int, mode: str, gen: torch.Generator):
@@ -134,49 +139,94 @@ def greedy_rotation_reference(x: torch.Tensor, b: int, steps: int, mode: str, ge
         idx.append(j)
         mats.append(m)
         v = v @ m
-    return _finish(mats, idx, scores, b)
+    return _finish(_products(mats, b), idx, scores)
 
 
-def greedy_rotation(x: torch.Tensor, b: int, steps: int, mode: str, gen: torch.Generator) -> Search:
-    """Same result as :func:`greedy_rotation_reference`, computing only the rows that can hold the extreme."""
+SEARCH_DTYPES = ("float64", "float32")
+_U32 = 2.0 ** -24  # unit roundoff of float32
+
+
+def _screen_tolerance(b: int) -> float:
+    """A bound, relative to the row's L2 norm, on ``|fl32(v · a) - v · a|`` for one entry of ``v @ acc`` computed in
+    float32 from float64 ``v`` and orthonormal ``acc``: rounding both operands (2u) plus a length-``b`` dot product
+    in any summation order (``γ_b``, Higham Thm. 3.5), times ``Σ|v_i||a_i| <= ‖v‖ ‖a‖ = ‖v‖``; 1 % of headroom for
+    ``acc``'s own float64 drift from orthonormality."""
+    g = (b + 2) * _U32
+    return 1.01 * g / (1 - g)
+
+
+def _pick_screened(v64: torch.Tensor, rows: torch.Tensor, cur: torch.Tensor, slack: float, acc: torch.Tensor,
+                   mode: str) -> tuple[float, float, int, int]:
+    """:func:`_pick` of the float64 product ``v64[rows] @ acc``, found from its float32 screen ``cur`` (``slack``: a
+    bound on any entry's screening error): only rows whose screened extreme is within ``2 slack`` of the screened
+    winner can hold the exact one; those few are computed in float64 and picked from, in ascending row order (first
+    on ties)."""
+    if mode == "repo":
+        hi, lo = cur.amax(1), cur.amin(1)
+        cand = (hi >= hi.max() - 2 * slack) | (lo <= lo.min() + 2 * slack)
+    else:
+        mag = cur.abs().amax(1)
+        cand = mag >= mag.max() - 2 * slack
+    idx = cand.nonzero().flatten()
+    score, need, r, col = _pick(v64[rows[idx]] @ acc, mode)
+    return score, need, int(idx[r]), col
+
+
+def greedy_rotation(x: torch.Tensor, b: int, steps: int, mode: str, gen: torch.Generator,
+                    dtype: str = "float64") -> Search:
+    """Same result as :func:`greedy_rotation_reference` (``dtype`` float64), computing only what can hold the extreme.
+
+    Rows: an orthogonal block rotation keeps every row's L2 norm and no entry exceeds its row's norm, so only the
+    rows whose norm reaches the current extreme take part (the set doubles whenever a row outside could still win).
+    Entries: each step screens those rows in float32 (``v @ acc``, from scratch, so no error accumulates) and
+    computes in float64 only the rows the screen's error bound cannot rule out (:func:`_pick_screened`); the step
+    product ``acc`` is kept in float64 and is the returned rotation. ``dtype="float32"`` is the whole search in
+    float32 (screen values picked directly, ``acc`` in float32): faster, not exact."""
     _check(x, b, mode)
+    if dtype not in SEARCH_DTYPES:
+        raise ConfigError(f"unknown DuQuant search dtype {dtype!r}; choose one of {', '.join(SEARCH_DTYPES)}")
+    exact = dtype == "float64"
     v = x.reshape(-1, b).to(torch.float64)
+    v32 = v.float()
     n = v.shape[0]
     norms = v.norm(dim=1)
     order = torch.argsort(norms, descending=True)
     sorted_norms = norms[order]
+    rel = _screen_tolerance(b)
     base = _matrices(b, steps, mode, gen)
-    acc = torch.eye(b, dtype=torch.float64)  # product of the steps so far
+    prods = [torch.eye(b, dtype=torch.float64 if exact else torch.float32)]  # prods[s]: product of the first s steps
 
     def take(k):  # the k largest-norm rows, in ascending row order (so "first on ties" matches the full search)
         rows = torch.sort(order[:k]).values
-        return rows, v[rows] @ acc
+        return rows, v32[rows], rel * sorted_norms[0].item()
 
     k = min(n, 64)
-    rows, cur = take(k)
-    mats, idx, scores = [], [], []
+    rows, sub, slack = take(k)
+    idx, scores = [], []
     for s in range(steps + 1):
+        acc = prods[-1]
         while True:
-            score, need, r, col = _pick(cur, mode)
+            cur = sub @ (acc.float() if exact else acc)
+            if exact:
+                score, need, r, col = _pick_screened(v, rows, cur, slack, acc, mode)
+            else:
+                score, need, r, col = _pick(cur, mode)
             if k == n or sorted_norms[k].item() < need:  # no row outside can hold the pick
                 break
             k = min(n, max(2 * k, int((sorted_norms >= need).sum())))
-            rows, cur = take(k)
+            rows, sub, slack = take(k)
         scores.append(score)
         if s == steps:
             break
         j = _swap_index(int(rows[r]), col, mode, b)
         m = swapped(base(s), j)
         idx.append(j)
-        mats.append(m)
-        acc = acc @ m
+        prods.append(acc @ (m if exact else m.float()))
         shrink = min(n, max(64, int((sorted_norms >= need / 2).sum())))  # rows likely to matter next step
         if shrink < k // 2:
             k = shrink
-            rows, cur = take(k)
-        else:
-            cur = cur @ m
-    return _finish(mats, idx, scores, b)
+            rows, sub, slack = take(k)
+    return _finish(prods, idx, scores)
 
 
 def zigzag(x: torch.Tensor, b: int) -> torch.Tensor:
@@ -218,10 +268,14 @@ class Transform:
 
 
 def calibrate(x: torch.Tensor, b: int, steps: int = 256, permutation_times: int = 1, mode: str = "repo",
-              gen: torch.Generator | None = None, fast: bool = True) -> Transform:
-    """``online_duquant_cali``: (rotation, zigzag) x ``permutation_times``, then a final rotation, from ``x`` ``[T, C]``."""
+              gen: torch.Generator | None = None, fast: bool = True, dtype: str = "float64") -> Transform:
+    """``online_duquant_cali``: (rotation, zigzag) x ``permutation_times``, then a final rotation, from ``x`` ``[T, C]``
+    (``fast``: :func:`greedy_rotation` with its search ``dtype``; otherwise the reference loop)."""
     gen = gen if gen is not None else torch.Generator().manual_seed(0)
-    search = greedy_rotation if fast else greedy_rotation_reference
+
+    def search(x, b, steps, mode, gen):
+        return greedy_rotation(x, b, steps, mode, gen, dtype) if fast else greedy_rotation_reference(x, b, steps, mode, gen)
+
     x = x.reshape(-1, x.shape[-1]).to(torch.float64)
     rots, perms, found = [], [], []
     for _ in range(permutation_times):

@@ -17,6 +17,7 @@ re-implemented.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import time
@@ -27,11 +28,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantbench.adapters import LlamaAdapter
+from quantbench.adapters import LINEARS, LlamaAdapter
 from quantbench.cache import cache_dir, read_checked, remove_checked, write_checked
 from quantbench.errors import NumericalError
 from quantbench.plan import QuantizedModel
-from quantbench.simulate import attention_plans
+from quantbench.simulate import attention_plans, swapped
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,99 @@ def _move_kwargs(kw: dict, device) -> dict:
         return v
 
     return {k: mv(v) for k, v in kw.items()}
+
+
+class _Recorded(nn.Module):
+    """Stands in for a sub-layer during a pass: returns ``outputs[window]`` (``fn(inputs[window])`` with ``fn``,
+    recording what it returns)."""
+
+    def __init__(self, window: list[int], outputs: list, fn=None, inputs: list | None = None):
+        super().__init__()
+        self.window, self.outputs, self.fn, self.inputs = window, outputs, fn, inputs
+
+    def forward(self, *args, **kwargs):
+        j = self.window[0]
+        if self.fn is None:
+            return self.outputs[j]
+        out = self.fn(self.inputs[j])
+        self.outputs[j] = out
+        return out
+
+
+@dataclass
+class _Sublayer:
+    """One sub-layer the replay can skip: its path in the block, the linears that must be final before its ``last``
+    linear's input stops changing, and ``output(last, x)``, what the sub-layer returns given that input."""
+
+    path: str
+    before: frozenset
+    last: str
+    output: Callable
+    last_input: list | None = None
+    recorded: list | None = None
+
+
+REPLAY_BYTES = 8 << 30  # the most the replay holds per block (beyond it a sub-layer is recomputed as before)
+
+
+class _Replay:
+    """Sub-layer replay inside one block step (:meth:`BlockContext.replay`).
+
+    A step that finalizes the block's linears group by group (GPTQ's true-sequential ``[k, v, q], [o], [up, gate],
+    [down]``) runs the block once per group, and each run recomputes sub-layers whose output stopped changing.
+    Here, for the attention (q/k/v before o) and the MLP (gate/up before down): once the linears before the last
+    one are final (:meth:`BlockContext.settled`), the next pass records the last linear's input on every window;
+    once the last linear is final too, the next pass computes the sub-layer's output from that input
+    (``adapter.attention_output`` / ``adapter.mlp_output``) and records it; later passes take the recorded output.
+    Every replayed value is what the same modules gave on the same window earlier in the step, so the outputs are
+    bit-identical to full passes (``tests/test_gptq.py``). It holds one hidden-size and one intermediate-size tensor
+    per window (up to :data:`REPLAY_BYTES`; the MLP is recomputed beyond it)."""
+
+    def __init__(self, adapter: LlamaAdapter, block: nn.Module, inputs: list[torch.Tensor]):
+        self.block, self.n = block, len(inputs)
+        self.settled: set[str] = set()
+        self.parts = [_Sublayer(adapter.ATTENTION, frozenset(("q", "k", "v")), "o", adapter.attention_output)]
+        mlp_bytes = sum(x.numel() // x.shape[-1] for x in inputs) * adapter.intermediate_size * inputs[0].element_size()
+        if mlp_bytes <= REPLAY_BYTES:
+            self.parts.append(_Sublayer(adapter.MLP, frozenset(("gate", "up")), "down", adapter.mlp_output))
+
+    @contextlib.contextmanager
+    def during(self, window: list[int]):
+        """One pass over the step's windows; ``window[0]`` is the index of the window being run."""
+        with contextlib.ExitStack() as stack:
+            after = [self._enter(p, window, stack) for p in self.parts]
+            yield
+        for done in after:
+            done()
+
+    def _enter(self, part: _Sublayer, window: list[int], stack: contextlib.ExitStack) -> Callable[[], None]:
+        """Set up ``part`` for one pass; returns what to do once the pass is over."""
+        if part.recorded is not None:
+            stack.enter_context(swapped(self.block, {part.path: _Recorded(window, part.recorded)}))
+            return lambda: None
+        last = self.block.get_submodule(LINEARS[part.last])
+        if part.last_input is not None and part.last in self.settled:
+            out: list = [None] * self.n
+            fn = functools.partial(part.output, last)
+            stack.enter_context(swapped(self.block, {part.path: _Recorded(window, out, fn, part.last_input)}))
+
+            def keep():
+                if all(o is not None for o in out):
+                    part.recorded, part.last_input = out, None
+            return keep
+        if part.last_input is None and part.before <= self.settled and part.last not in self.settled:
+            seen: list = [None] * self.n
+
+            def grab(_mod, args):
+                seen[window[0]] = args[0]
+
+            stack.callback(last.register_forward_pre_hook(grab, prepend=True).remove)  # before a feed's stop
+
+            def keep():
+                if all(x is not None for x in seen):
+                    part.last_input = seen
+            return keep
+        return lambda: None
 
 
 class _Layerwise:
@@ -69,6 +163,7 @@ class _Layerwise:
         self.fp_inputs = list(self.inputs) if fp_stream else None
         self.fp_targets: list[torch.Tensor] | None = None
         self._outputs: list[torch.Tensor] | None = None
+        self.replay: _Replay | None = None  # set by BlockContext.replay for one step
 
     @torch.no_grad()
     def _capture(self, windows: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
@@ -116,18 +211,28 @@ class _Layerwise:
         """Use ``outputs`` as the next block's inputs instead of re-running the block after the body."""
         self._outputs = outputs
 
+    def _replaying(self, inputs: list[torch.Tensor] | None, window: list[int]) -> contextlib.AbstractContextManager:
+        """The step's replay around one pass (the quantized stream only: ``inputs`` None), if the step has one."""
+        return self.replay.during(window) if self.replay is not None and inputs is None else contextlib.nullcontext()
+
     @torch.no_grad()
     def forward(self, block: nn.Module, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The block's outputs for ``inputs`` (default: the current inputs), one window at a time."""
-        return [block(x, **self.kwargs) for x in (self.inputs if inputs is None else inputs)]
+        window, out = [0], []
+        with self._replaying(inputs, window):
+            for j, x in enumerate(self.inputs if inputs is None else inputs):
+                window[0] = j
+                out.append(block(x, **self.kwargs))
+        return out
 
     @torch.no_grad()
     def feed(self, block: nn.Module, hooks: dict[nn.Module, Callable[[torch.Tensor], None]]) -> None:
-        """Call ``hooks[m](input of m)`` for every window; each pass stops once all hooked modules have run."""
+        """Call ``hooks[m](input of m)`` for every window; each pass stops once all hooked modules have been
+        reached, before the last of them computes (its output is never read)."""
         count = [0]
 
         def make(fn):
-            def hook(_mod, args, _out):
+            def hook(_mod, args):
                 fn(args[0])
                 count[0] += 1
                 if count[0] == len(hooks):
@@ -135,14 +240,16 @@ class _Layerwise:
 
             return hook
 
-        handles = [m.register_forward_hook(make(fn)) for m, fn in hooks.items()]
+        handles = [m.register_forward_pre_hook(make(fn)) for m, fn in hooks.items()]
+        window = [0]
         try:
-            for x in self.inputs:
-                count[0] = 0
-                try:
-                    block(x, **self.kwargs)
-                except _Stop:
-                    pass
+            with self._replaying(None, window):
+                for j, x in enumerate(self.inputs):
+                    window[0], count[0] = j, 0
+                    try:
+                        block(x, **self.kwargs)
+                    except _Stop:
+                        pass
         finally:
             for h in handles:
                 h.remove()
@@ -249,8 +356,24 @@ class BlockContext:
         return self.runner.forward(self.block, inputs)
 
     def feed(self, hooks: dict[nn.Module, Callable[[torch.Tensor], None]]) -> None:
-        """Call ``hooks[m](input of m)`` for every input; each pass stops once all hooked modules have run."""
+        """Call ``hooks[m](input of m)`` for every input; each pass stops once all hooked modules have been reached."""
         self.runner.feed(self.block, hooks)
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """For the duration, passes over :attr:`inputs` skip recomputing what :meth:`settled` linears fixed
+        (:class:`_Replay`). Only for a step that changes nothing in the block but the linears it declares settled,
+        in the order q/k/v, o (true-sequential GPTQ)."""
+        self.runner.replay = _Replay(self.qm.adapter, self.block, self.inputs)
+        try:
+            yield
+        finally:
+            self.runner.replay = None
+
+    def settled(self, roles) -> None:
+        """The linears of ``roles`` are final for the rest of the step (used by :meth:`replay`; a no-op outside it)."""
+        if self.runner.replay is not None:
+            self.runner.replay.settled.update(roles)
 
     def quantized_attention(self) -> contextlib.AbstractContextManager:
         """For the duration, the block's attention runs with its :class:`~quantbench.plan.AttentionPlan`."""

@@ -35,6 +35,9 @@ class Method:
 
     - ``defaults``: the grid/granularity each tensor gets when a scheme string names only bits;
     - ``options``: method settings and their defaults (the reference code's); every one is recorded and hashed;
+    - ``neutral``: options added after records were published, each with the value that reproduces those records;
+      at that value the option stays out of the run identity (:meth:`identity_options`), so published config
+      hashes stay valid (the records still list every option);
     - ``choices``: allowed values of string options;
     - ``ranges``: inclusive ``(low, high)`` bounds of numeric options (None: open); an option's default is always
       allowed (e.g. ``-1``: "the reference value");
@@ -58,6 +61,7 @@ class Method:
     name: ClassVar[str] = "?"
     defaults: ClassVar[dict[str, QuantSpec]] = DEFAULT_SPECS
     options: ClassVar[dict[str, object]] = {}
+    neutral: ClassVar[dict[str, object]] = {}
     choices: ClassVar[dict[str, tuple]] = {}
     ranges: ClassVar[dict[str, tuple]] = {}
     needs_calibration: ClassVar[bool] = False
@@ -87,6 +91,10 @@ class Method:
                 outside = (lo is not None and d < lo) or (hi is not None and d > hi)
                 raise ConfigError(f"option {k}={v!r} of {self.name!r} must be {span}"
                                   + (f" (or {d}, its default: the reference value)" if outside else ""))
+
+    def identity_options(self) -> dict:
+        """The options that enter the config hash: all of them but a ``neutral`` one at its neutral value."""
+        return {k: v for k, v in self.opts.items() if not (k in self.neutral and v == self.neutral[k])}
 
     def check_model(self, geometry, scheme: QuantScheme) -> None:
         """Raise :class:`ConfigError` when this method cannot run ``scheme`` on a model of ``geometry`` (an adapter

@@ -67,6 +67,7 @@ def compose(name: str) -> type[Method]:
         defaults = classes[0].defaults
         headline = classes[0].headline
         choices = {k: v for c in classes for k, v in c.choices.items()}
+        neutral = {k: v for c in classes for k, v in c.neutral.items()}
         ranges = {k: v for c in classes for k, v in c.ranges.items()}
         needs_calibration = bool(reads)
         weight_only = all(c.weight_only for c in classes)

@@ -86,8 +86,9 @@ def run_identity(cfg: RunConfig, method: Method, scheme: QuantScheme, lm, calib)
         "model": {k: lm.info[k] for k in ("name", "id", "revision", "tokenizer_hash")},
         "scheme": scheme.to_dict(), "calibration": calib.config() if calib else None,
     }
-    if method.opts:  # only methods with options carry the key, so option-less configs keep their hashes
-        base["method_options"] = method.opts
+    opts = method.identity_options()
+    if opts:  # only methods with options carry the key, so option-less configs keep their hashes
+        base["method_options"] = opts
     return base, config_hash(base)
 
 

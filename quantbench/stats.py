@@ -1,5 +1,8 @@
 """Per-channel activation statistics of every decoder linear's input, cached on disk by content.
 
+The forward stops at the last decoder block: the final norm, lm_head and the logits (a fifth of SmolLM2-135M's
+forward, with its 49k vocabulary) are never computed, as no decoder linear reads them.
+
 SmoothQuant (``smoothquant/calibration.py::get_act_scales``) and OmniQuant/DuQuant
 (``generate_act_scale_shift.py``) run the FP model over a calibration set with a forward hook on every linear
 and keep, per input channel, the running ``max |x|`` (the "act scales") and ``min`` / ``max`` (OmniQuant's
@@ -23,6 +26,10 @@ from quantbench.data import windows_digest
 from quantbench.errors import NumericalError
 
 log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised after the last decoder block: the statistics are complete."""
 
 
 def _key(lm: models.LoadedModel, windows: torch.Tensor) -> str:
@@ -51,11 +58,18 @@ def collect(lm: models.LoadedModel, windows: torch.Tensor) -> dict[str, dict[str
 
         return fn
 
+    def stop(_mod, _args, _out):
+        raise _Stop
+
     handles = [lin.register_forward_hook(hook(name)) for name, *_, lin in lm.adapter.named_linears()]
+    handles.append(lm.adapter.blocks[-1].register_forward_hook(stop))
     try:
         with offload.execution(lm):
             for w in tqdm(windows, desc="activation stats", leave=False):
-                lm.model(w[None].to(offload.input_device(lm)), use_cache=False)
+                try:
+                    lm.model(w[None].to(offload.input_device(lm)), use_cache=False)
+                except _Stop:
+                    pass
     finally:
         for h in handles:
             h.remove()

@@ -70,20 +70,32 @@ def round_to_nearest(qm: QuantizedModel, spec: QuantSpec, clip_search: bool = Fa
 
 
 class Hessian:
-    """Running ``H = 2/N Σ_samples x xᵀ`` exactly as GPTQ's ``add_batch`` accumulates it (fp32)."""
+    """Running ``H = 2/N Σ_samples x xᵀ`` exactly as GPTQ's ``add_batch`` accumulates it (fp32).
 
-    def __init__(self, columns: int, device):
+    Hessians given one ``shared`` memo (a list) compute ``xᵀx`` once for an input tensor they all receive (q/k/v
+    read the same tensor): the same product, so the same bits, at a third of the cost."""
+
+    def __init__(self, columns: int, device, shared: list | None = None):
         self.h = torch.zeros(columns, columns, device=device)
         self.n = 0
+        self.shared = shared
 
     def add(self, x: torch.Tensor) -> None:
+        seen = x
         x = widen(x.reshape(-1, x.shape[-1]) if x.dim() > 2 else x)
         self.h = self.h.to(x.dtype)  # float64 inputs accumulate in float64
         batch = 1  # GPTQ counts sequences (one window per call here), not tokens
         self.h *= self.n / (self.n + batch)
         self.n += batch
-        x = math.sqrt(2 / self.n) * x
-        self.h += x.t() @ x
+        memo = self.shared
+        if memo and memo[0] is seen and memo[1] == self.n:
+            xtx = memo[2]
+        else:
+            x = math.sqrt(2 / self.n) * x
+            xtx = x.t() @ x
+            if memo is not None:
+                memo[:] = [seen, self.n, xtx]
+        self.h += xtx
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig = GPTQConfig()) -> QTensor:
@@ -176,7 +188,7 @@ def gptq(qm: QuantizedModel, windows: torch.Tensor, spec: QuantSpec, cfg: GPTQCo
         return {r: adapter.linear_name(ctx.index, r) for r in LINEARS if adapter.linear_name(ctx.index, r) in qm.linears}
 
     def step(ctx: BlockContext) -> dict:
-        gptq_block(qm, ctx, spec, cfg)
+        gptq_block(qm, ctx, spec, cfg, outputs=True)
         return {r: qm.linears[n].weight.state() for r, n in names(ctx).items() if qm.linears[n].weight is not None}
 
     def restore(ctx: BlockContext, state: dict) -> None:
@@ -199,9 +211,18 @@ def _set_weight(qm: QuantizedModel, name: str, lin, qt: QTensor) -> None:
     lin.weight.data = qt.dequantize(lin.weight.dtype).to(lin.weight.device)
 
 
-def gptq_block(qm: QuantizedModel, ctx: BlockContext, spec: QuantSpec, cfg: GPTQConfig) -> None:
+def gptq_block(qm: QuantizedModel, ctx: BlockContext, spec: QuantSpec, cfg: GPTQConfig, outputs: bool = False) -> None:
     """GPTQ the planned linears of block ``ctx.index`` on ``ctx.inputs``, true-sequential groups (``gptq_fwrd``);
-    the block's linears then hold the dequantized weights, so what follows sees the quantized block."""
+    the block's linears then hold the dequantized weights, so what follows sees the quantized block. With
+    ``outputs``, also the block's outputs (``ctx.outputs``). The passes replay attention once its linears are final
+    (``BlockContext.replay``): the same values, fewer forwards."""
+    with ctx.replay():
+        _gptq_groups(qm, ctx, spec, cfg)
+        if outputs:
+            ctx.outputs = ctx.forward()
+
+
+def _gptq_groups(qm: QuantizedModel, ctx: BlockContext, spec: QuantSpec, cfg: GPTQConfig) -> None:
     adapter, i, block = qm.adapter, ctx.index, ctx.block
     groups = TRUE_SEQUENTIAL if cfg.true_sequential else (tuple(r for g in TRUE_SEQUENTIAL for r in g),)
     lins = {role: unwrap(m) for role, m in adapter.linears(block).items()}
@@ -209,7 +230,8 @@ def gptq_block(qm: QuantizedModel, ctx: BlockContext, spec: QuantSpec, cfg: GPTQ
         roles = [r for r in roles if adapter.linear_name(i, r) in qm.linears]
         if not roles:
             continue
-        hs = {r: Hessian(lins[r].in_features, lins[r].weight.device) for r in roles}
+        shared: list = []
+        hs = {r: Hessian(lins[r].in_features, lins[r].weight.device, shared) for r in roles}
         ctx.feed({lins[r]: hs[r].add for r in roles})
         for r in roles:
             name = adapter.linear_name(i, r)
@@ -221,6 +243,7 @@ def gptq_block(qm: QuantizedModel, ctx: BlockContext, spec: QuantSpec, cfg: GPTQ
             except torch.linalg.LinAlgError as e:
                 raise ConfigError(f"{name}: GPTQ Cholesky failed ({e}); raise percdamp") from None
             _set_weight(qm, name, lins[r], qt)
+        ctx.settled(roles)
 
 
 GPTQ_OPTIONS = GPTQConfig().to_dict()  # method options of every GPTQ-based method (reference defaults)

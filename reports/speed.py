@@ -1,7 +1,9 @@
-"""GPU speed tables (bench/test_kernel_speed.py, bench/test_layer_speed.py) -> ``reports/<kind>-<device>.md``."""
+"""Speed tables -> ``reports/<kind>-<device>.md``: the GPU kernels and layer (bench/test_kernel_speed.py,
+bench/test_layer_speed.py) and the CPU calibrations (bench/test_calibration_speed.py)."""
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 from pathlib import Path
 
@@ -11,13 +13,27 @@ from tabulate import tabulate
 from quantbench.results import versions
 
 
-def write_table(kind: str, title: str, how: str, rows: list[dict]) -> Path:
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``) and its core count, e.g. ``AMD EPYC 2-core``."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} {os.cpu_count()}-core"
+
+
+def write_table(kind: str, title: str, how: str, rows: list[dict], device: str = "cuda") -> Path:
     """The table with the device, library versions and date in its head (rewritten whole, so a run cut short still
-    leaves the rows it measured)."""
-    dev = torch.cuda.get_device_name()
+    leaves the rows it measured). ``device`` "cpu": named by :func:`cpu_name`, with torch's thread count."""
+    dev = torch.cuda.get_device_name() if device == "cuda" else cpu_name()
     v = versions()
+    threads = f", {torch.get_num_threads()} torch threads" if device == "cpu" else ""
     head = (f"# {title} on {dev}\n\n{datetime.date.today()}, torch {v['torch']}, triton {v['triton']}, quantbench "
-            f"{v['quantbench']}, python {platform.python_version()}. {how}\n\n")
+            f"{v['quantbench']}, python {platform.python_version()}{threads}. {how}\n\n")
     path = Path(__file__).resolve().parent / f"{kind}-{dev.replace(' ', '-')}.md"
     path.write_text(head + tabulate(rows, headers="keys", tablefmt="github") + "\n")
     return path

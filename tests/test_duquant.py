@@ -79,18 +79,60 @@ def _oracle_search(x, b, steps, mode, gen):
     return js[:kept], scores, kept, acc
 
 
+def flat(seed, tokens=256, channels=1024):
+    """Rows of nearly equal norm (SmolLM2's smoothed, averaged inputs look like this): no row can be ruled out by
+    its norm, so every step rests on the float32 screen."""
+    return torch.randn(tokens, channels, generator=torch.Generator().manual_seed(seed)) * 0.3 + 0.05
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("mode", dq.MODES)
-def test_fast_search_equals_an_independent_oracle(seed, mode):
-    x = planted(seed)
+@pytest.mark.parametrize("make", [planted, flat])
+def test_fast_search_equals_an_independent_oracle(seed, mode, make):
+    x = make(seed)
     steps, scores, kept, rot = _oracle_search(x, 128, 48, mode, torch.Generator().manual_seed(seed))
     fast = dq.greedy_rotation(x, 128, 48, mode, torch.Generator().manual_seed(seed))
     assert fast.steps == steps and fast.kept == kept
     torch.testing.assert_close(torch.tensor(fast.scores), torch.tensor(scores), rtol=1e-12, atol=0)
     torch.testing.assert_close(fast.rotation, rot, rtol=0, atol=1e-12)
-    assert 0 < kept and scores[kept] < scores[0] / 3  # the rotation really flattens outliers
+    if make is planted:
+        assert 0 < kept and scores[kept] < scores[0] / 3  # the rotation really flattens outliers
     ref = dq.greedy_rotation_reference(x, 128, 48, mode, torch.Generator().manual_seed(seed))
     assert ref.steps == steps and torch.equal(ref.rotation, fast.rotation)  # the module's own slow loop agrees
+
+
+@pytest.mark.parametrize("mode", dq.MODES)
+def test_the_screen_defers_a_float32_tie_to_float64(mode):
+    """Two extremes 1e-9 apart are one float32 value: a pick from the float32 screen alone takes the first (row 0);
+    the exact search must take the larger (row 3), as the float64 oracle does, and so swap another index."""
+    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)).double() * 0.05
+    x[0, 5], x[3, 7] = 1.0, 1.0 + 1e-9  # rows 0 and 6 of the [T*K, B] view (B = 64: row = 2 token + block)
+    b = 64
+    steps, *_ = _oracle_search(x, b, 4, mode, torch.Generator().manual_seed(0))
+    exact = dq.greedy_rotation(x, b, 4, mode, torch.Generator().manual_seed(0))
+    loose = dq.greedy_rotation(x, b, 4, mode, torch.Generator().manual_seed(0), dtype="float32")
+    want = (3 * 2) % b if mode == "repo" else 7  # repo: the row of the [T*K, B] view; paper: the channel
+    assert steps[0] == want and exact.steps == steps
+    assert loose.steps[0] != want  # what the float32 screen alone would have done
+
+
+def test_float32_search_is_orthogonal_and_close_to_float64():
+    x = planted(0)
+    hi = dq.greedy_rotation(x, 128, 64, "repo", torch.Generator().manual_seed(0))
+    lo = dq.greedy_rotation(x, 128, 64, "repo", torch.Generator().manual_seed(0), dtype="float32")
+    torch.testing.assert_close(lo.rotation @ lo.rotation.T, torch.eye(128, dtype=torch.float64), rtol=0, atol=1e-5)
+    assert lo.scores[lo.kept] == pytest.approx(hi.scores[hi.kept], rel=1e-3)
+    with pytest.raises(ConfigError, match="float64, float32"):
+        dq.greedy_rotation(x, 128, 4, "repo", torch.Generator(), dtype="float16")
+
+
+def test_a_late_option_at_its_neutral_value_keeps_the_config_hash():
+    from quantbench.registry import METHODS
+    cls = METHODS.get("duquant")
+    assert "search_dtype" not in cls().identity_options() and cls().opts["search_dtype"] == "float64"
+    assert cls(search_dtype="float32").identity_options()["search_dtype"] == "float32"
+    with pytest.raises(ConfigError, match="float64, float32"):
+        cls(search_dtype="float16")
 
 
 def _oracle_zigzag(x, b):

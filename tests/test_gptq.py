@@ -13,6 +13,8 @@ from quantbench.quant import QuantSpec, _grouped, parse_scheme, qparams, quantiz
 from quantbench.pipeline import resolve
 from quantbench.weights import GPTQConfig, Hessian, gptq_quantize
 
+from helpers import tiny_lm
+
 
 @pytest.fixture(scope="module")
 def layer():
@@ -136,3 +138,77 @@ def test_gptq_damping_solves_a_rank_deficient_hessian():
     assert torch.equal(got.codes, gptq_quantize(w, damped, spec, GPTQConfig(percdamp=0.0)).codes)
     out = lambda q: x @ q.dequantize().T  # noqa: E731
     assert (out(got) - x @ w.T).pow(2).mean() < (out(quantize(w, spec)) - x @ w.T).pow(2).mean()
+
+
+def _gptq_by_full_passes(qm, ctx, spec, cfg):
+    """GPTQ's block step as the reference runs it: every group's Hessians from a full pass of the block, each
+    Hessian fed on its own, the outputs from one more full pass (no replay, no shared products)."""
+    from quantbench.weights import TRUE_SEQUENTIAL, _set_weight
+    from quantbench.simulate import unwrap
+    lins = {r: unwrap(m) for r, m in qm.adapter.linears(ctx.block).items()}
+    for roles in TRUE_SEQUENTIAL:
+        hs = {r: Hessian(lins[r].in_features, "cpu") for r in roles}
+        for x in ctx.inputs:
+            seen = {}
+            hooks = [lins[r].register_forward_hook(lambda m, a, o, r=r: seen.__setitem__(r, a[0].clone()))
+                     for r in roles]
+            with torch.no_grad():
+                ctx.block(x, **ctx.kwargs)
+            for h in hooks:
+                h.remove()
+            for r in roles:
+                hs[r].add(seen[r])
+        for r in roles:
+            _set_weight(qm, qm.adapter.linear_name(ctx.index, r), lins[r], gptq_quantize(lins[r].weight, hs[r].h, spec, cfg))
+    with torch.no_grad():
+        ctx.outputs = [ctx.block(x, **ctx.kwargs) for x in ctx.inputs]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-mistral"])
+def test_gptq_replay_gives_the_codes_and_outputs_of_full_passes(name):
+    """The runner's attention replay and the shared q/k/v Hessian products change no bit: codes and every block's
+    outputs equal those of full passes; and the replay really runs attention and the MLP in only 2 of the 5 passes."""
+    from quantbench.weights import gptq_block
+    ids = torch.randint(0, 1024, (3, 48), generator=torch.Generator().manual_seed(2))
+    spec, cfg = QuantSpec(3, "sym", "channel"), GPTQConfig()
+    got, calls, mlp = {}, {}, {}
+    for how in ("replay", "full"):
+        lm = tiny_lm(name)
+        qm = plain_plan(lm, parse_scheme("w3a16"))
+        outs, n = [], [0, 0]
+        for block in lm.adapter.blocks:
+            lm.adapter.attention(block).register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+            block.mlp.register_forward_pre_hook(lambda *_: n.__setitem__(1, n[1] + 1))
+
+        def step(ctx):
+            if how == "replay":
+                gptq_block(qm, ctx, spec, cfg, outputs=True)
+            else:
+                _gptq_by_full_passes(qm, ctx, spec, cfg)
+            outs.append([y.clone() for y in ctx.outputs])
+
+        run_blocks(qm, ids, step)
+        got[how] = ({k: p.weight.codes for k, p in qm.linears.items()}, outs)
+        calls[how], mlp[how] = n
+    (codes_r, outs_r), (codes_f, outs_f) = got["replay"], got["full"]
+    assert all(torch.equal(codes_r[k], codes_f[k]) for k in codes_f)
+    assert all(torch.equal(a, b) for ra, rb in zip(outs_r, outs_f) for a, b in zip(ra, rb))
+    blocks = len(outs_f)
+    assert calls["full"] == 5 * 3 * blocks and calls["replay"] == 2 * 3 * blocks and (mlp["full"], mlp["replay"]) == (5 * 3 * blocks, 2 * 3 * blocks)
+
+
+def test_shared_hessians_equal_their_own_products_and_only_for_the_same_tensor():
+    x = torch.randn(2, 40, 24, generator=torch.Generator().manual_seed(3))
+    shared: list = []
+    a, b, own = Hessian(24, "cpu", shared), Hessian(24, "cpu", shared), Hessian(24, "cpu")
+    for w in x:
+        a.add(w)
+        b.add(w)
+        own.add(w)
+    assert torch.equal(a.h, own.h) and torch.equal(b.h, own.h)
+    memo: list = []
+    d, e, alone = Hessian(24, "cpu", memo), Hessian(24, "cpu", memo), Hessian(24, "cpu")
+    d.add(x[0])
+    e.add(x[1])  # same shape and count, another tensor: its own product, not d's
+    alone.add(x[1])
+    assert torch.equal(e.h, alone.h) and not torch.equal(e.h, d.h)
