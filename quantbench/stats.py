@@ -44,15 +44,21 @@ def collect(lm: models.LoadedModel, windows: torch.Tensor) -> dict[str, dict[str
     """``{linear name: {"absmax", "min", "max"}}`` (fp32, per input channel) over ``windows``, FP model."""
     stats: dict[str, dict[str, torch.Tensor]] = {}
 
+    last: list = [None, None, None]  # q/k/v (gate/up) read one tensor: its reductions are computed once
+
     def hook(name):
         def fn(_mod, args, _out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            if not torch.isfinite(x).all():
-                raise NumericalError(f"activation statistics: the input of {name} has NaN/inf values")
-            lo, hi = x.amin(0), x.amax(0)
+            if last[0] is args[0]:
+                lo, hi = last[1], last[2]
+            else:
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+                if not torch.isfinite(x).all():
+                    raise NumericalError(f"activation statistics: the input of {name} has NaN/inf values")
+                lo, hi = x.amin(0), x.amax(0)
+                last[:] = [args[0], lo, hi]
             s = stats.get(name)
             if s is None:
-                stats[name] = {"min": lo, "max": hi}
+                stats[name] = {"min": lo.clone(), "max": hi.clone()}  # no entry shares a tensor with another
             else:
                 s["min"], s["max"] = torch.minimum(s["min"], lo), torch.maximum(s["max"], hi)
 
@@ -73,6 +79,7 @@ def collect(lm: models.LoadedModel, windows: torch.Tensor) -> dict[str, dict[str
     finally:
         for h in handles:
             h.remove()
+        last.clear()
     for s in stats.values():
         s["absmax"] = torch.maximum(s["min"].abs(), s["max"].abs())
     return {k: {n: t.cpu() for n, t in v.items()} for k, v in stats.items()}
