@@ -17,7 +17,7 @@ import torch
 
 from quantbench import models, validate
 from quantbench.data import C4_VARIANTS
-from quantbench.errors import QuantbenchError, UnavailableError
+from quantbench.errors import ConfigError, QuantbenchError, UnavailableError
 from quantbench.method import Method
 from quantbench.options import EXIT_USAGE, did_you_mean
 from quantbench.pipeline import resolve
@@ -37,10 +37,11 @@ class Case:
     cfg: RunConfig
     tasks: list[Task]
     resolved: tuple[Method, QuantScheme] | None  # built and parsed once at validation (None: run() does it)
+    tag: str = ""  # tells apart the cases of one method and scheme (``--calib-seeds``: ``-calibseed1``)
 
     @property
     def id(self) -> str:
-        return f"{self.cfg.method}-{self.cfg.scheme}"
+        return f"{self.cfg.method}-{self.cfg.scheme}{self.tag}"
 
 
 def csv(text: str) -> list[str]:
@@ -138,6 +139,7 @@ def build_cases(opt) -> list[Case]:
                        passkey_lengths=passkey) for t in expand(csv(opt.tasks))]
     calib = {"corpus": opt.calib, "nsamples": opt.nsamples, "seqlen": opt.calib_seqlen, "seed": opt.calib_seed}
     validate.check_calibration(calib, geo.context, opt.model)
+    seeds = calib_seeds(opt)
     overrides = quantizer_overrides(opt)
     cases = []
     methods = [resolve(name) for name in dict.fromkeys(csv(opt.method))]
@@ -160,15 +162,33 @@ def build_cases(opt) -> list[Case]:
             if scheme.name in seen:
                 continue
             seen.add(scheme.name)
-            cfg = RunConfig(name, opt.model, scheme.name, opt.backend, opt.seed, opt.dtype, device, calib, overrides,
-                            options, opt.offload)
-            validate.check_run(m, scheme, model=opt.model, device=device, backend=opt.backend, tasks=tasks,
-                               calibration=calibration_config(m, calib) if m.needs_calibration else None,
-                               geometry=geo)
-            cases.append(Case(cfg, tasks, (m, scheme)))
+            for seed in (seeds if seeds and m.needs_calibration else [calib["seed"]]):
+                cal = {**calib, "seed": seed}
+                cfg = RunConfig(name, opt.model, scheme.name, opt.backend, opt.seed, opt.dtype, device, cal,
+                                overrides, options, opt.offload)
+                validate.check_run(m, scheme, model=opt.model, device=device, backend=opt.backend, tasks=tasks,
+                                   calibration=calibration_config(m, cal) if m.needs_calibration else None,
+                                   geometry=geo)
+                tag = f"-calibseed{seed}" if len(seeds) > 1 and m.needs_calibration else ""
+                cases.append(Case(cfg, tasks, (m, scheme), tag))
     if not cases:
         raise QuantbenchError("nothing to run: --method is empty")
     return cases
+
+
+def calib_seeds(opt) -> list[int]:
+    """``--calib-seeds`` as distinct integers (empty: not given); it replaces ``--calib-seed``."""
+    if opt.calib_seeds is None:
+        return []
+    try:
+        seeds = list(dict.fromkeys(int(x) for x in csv(opt.calib_seeds)))
+    except ValueError:
+        raise ConfigError(f"--calib-seeds takes a comma list of integers, got {opt.calib_seeds!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise ConfigError(f"--calib-seeds takes a comma list of integers >= 0, got {opt.calib_seeds!r}")
+    if opt.calib_seed is not None:
+        raise ConfigError("--calib-seeds replaces --calib-seed: give one of them")
+    return seeds
 
 
 def _worker_init(jobs: int, level: int) -> None:
@@ -221,7 +241,7 @@ def run_cases(opt) -> int:
             # longest first (calibrating cases), so the last to finish is a short one; each worker rebuilds the
             # method from its config (a pipeline's class is made at run time and does not pickle)
             todo = sorted(enumerate(cases, 1), key=lambda ic: not ic[1].resolved[0].needs_calibration)
-            futures = {pool.submit(_run_one, Case(c.cfg, c.tasks, None), opt.results_dir, opt.resume, i, len(cases),
+            futures = {pool.submit(_run_one, Case(c.cfg, c.tasks, None, c.tag), opt.results_dir, opt.resume, i, len(cases),
                                    opt.model): c for i, c in todo}
             outcomes = []
             for f in as_completed(futures):

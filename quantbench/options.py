@@ -64,6 +64,9 @@ OPTIONS: tuple[tuple[str, dict], ...] = (
                                                          "or 512)")),
     ("--calib-seed", dict(type=int, default=None, help="calibration sampling seed (default: the method's: "
                                                        "QuaRot/GPTQ 0, DuQuant/OmniQuant 2, SmoothQuant 42)")),
+    ("--calib-seeds", dict(default=None, help="comma list of calibration seeds: each calibrating method runs once per "
+                                              "seed (the leaderboard adds their mean ± standard deviation); "
+                                              "replaces --calib-seed")),
     ("--results-dir", dict(default="results", help="where result records are written (one JSON per metric)")),
     ("--leaderboard", dict(default=None, help="also write the markdown leaderboard of --results-dir to this file")),
     ("--resume", dict(action="store_true", help="skip cases whose results already exist in --results-dir")),

@@ -166,6 +166,8 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
                 rec = {
                     **shared, "schema": SCHEMA, "config_hash": config_hash(full), "task": task.name,
                     "task_config": task.config, "task_options": task.run_options, "metric": metric, "value": value,
+                    "interval": task.intervals.get(metric), **({"items": task.items[metric]} if metric in task.items
+                                                               else {}),
                     "protocol": task.protocol, "wall_s": round(wall, 3), "peak_mem_mb": round(peak, 1),
                     "peak_mem_kind": peak_kind, "created": now(),
                 }

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from quantbench.reports import leaderboard
 
-COLUMNS = ("model", "method", "scheme", "task", "metric", "value", "Δ vs fp16", "protocol", "calibration",
+COLUMNS = ("model", "method", "scheme", "task", "metric", "value", "95 % CI", "Δ vs fp16 [95 % CI]", "protocol",
+           "calibration",
            "quantize", "backend", "config", "revision")
 
 STYLE = """
@@ -20,7 +21,7 @@ table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;white-space:nowrap}
 th{background:#f3f3f3;cursor:pointer;user-select:none}th[aria-sort=ascending]::after{content:" \\25B2"}
 th[aria-sort=descending]::after{content:" \\25BC"}td.num{text-align:right;font-variant-numeric:tabular-nums}
-td[data-prov]{cursor:help}td[data-prov]:hover{background:#fff6d5}.swatch{display:inline-block;width:10px;
+td.tie{color:#777;font-style:italic}td[data-prov]{cursor:help}td[data-prov]:hover{background:#fff6d5}.swatch{display:inline-block;width:10px;
 height:10px;margin-right:5px;border-radius:2px}.warn{background:#fff0f0;border-left:4px solid #c33;padding:6px 10px}
 #prov{position:sticky;top:0;background:#f7fbff;border:1px solid #9bd;padding:6px 10px;min-height:1.4em;
 font:12px monospace;white-space:pre-wrap;z-index:1}img{max-width:100%;border:1px solid #eee;margin:6px 0}
@@ -59,7 +60,8 @@ def provenance(r: dict) -> dict:
             "calibration windows sha256": (c or {}).get("windows_sha256", ""),
             "model revision": r.get("model_revision", ""), "seed": r.get("seed", ""),
             "device": (r.get("device") or {}).get("name", ""), "torch": (r.get("versions") or {}).get("torch", ""),
-            "plan": r.get("plan_source", ""), "created": r.get("created", "")}
+            "plan": r.get("plan_source", ""), "created": r.get("created", ""),
+            "95 % CI": leaderboard.ci(r) or "none", "interval": (r.get("interval") or {}).get("method", "none")}
 
 
 def _prov_attr(r: dict) -> str:
@@ -76,7 +78,7 @@ def _table(headers: list[str], rows: list[list[tuple[str, str]]], tid: str = "")
 
 
 def _num(r: dict) -> tuple[str, str]:
-    return html.escape(leaderboard._fmt(r["value"])), f' class="num" data-v="{r["value"]!r}"' + _prov_attr(r)
+    return html.escape(leaderboard.plus_minus(r)), f' class="num" data-v="{r["value"]!r}"' + _prov_attr(r)
 
 
 def _matrix(model, protocol, headers, rows, cells, palette) -> str:
@@ -90,7 +92,7 @@ def _matrix(model, protocol, headers, rows, cells, palette) -> str:
             if len(recs) == 1:
                 tds.append(_num(recs[0]))
             elif recs:  # several records of one cell: each value with its own provenance
-                inner = " / ".join(f'<span{_prov_attr(r)}>{html.escape(leaderboard._fmt(r["value"]))}</span>'
+                inner = " / ".join(f'<span{_prov_attr(r)}>{html.escape(leaderboard.plus_minus(r))}</span>'
                                    for r in recs)
                 tds.append((inner, f' class="num" data-v="{min(r["value"] for r in recs)!r}"'))
             else:
@@ -99,20 +101,22 @@ def _matrix(model, protocol, headers, rows, cells, palette) -> str:
     fp = cells.get(("fp16", "w16a16"))
     ref = f"FP16 reference: <b>{leaderboard._fmt(fp[0]['value'])}</b>. " if fp else ""
     return (f"<h2>{html.escape(model)}: perplexity, <code>{html.escape(protocol)}</code></h2><p>{ref}Click a column "
-            "to sort; hover or click a number for its provenance. · = not run; n/a = weight-only, outside the "
-            "method's scope.</p>" + _table(headers, out))
+            "to sort; hover or click a number for its provenance and 95 % interval. ± = the larger side of the 95 % "
+            "bootstrap interval. · = not run; n/a = weight-only, outside the method's scope. Differences to FP16 "
+            f"with their paired intervals are in the table of every record ({leaderboard.TIE} and grey: within "
+            "noise).</p>" + _table(headers, out))
 
 
 def _records(records: list[dict], palette) -> str:
     recs = sorted(leaderboard.latest(records), key=lambda r: (r["model"], r["protocol"], r["metric"],
                                                              leaderboard._row_key(r)))
-    base = {(r["model"], r["protocol"], r["metric"]): r["value"] for r in recs if r["method"] == "fp16"}
+    base = {(r["model"], r["protocol"], r["metric"]): r for r in recs if r["method"] == "fp16"}
     rows = []
     for r in recs:
-        b = base.get((r["model"], r["protocol"], r["metric"]))
-        delta = "" if b is None or r["method"] == "fp16" else f"{r['value'] - b:+.2f}"
+        d = leaderboard.delta(r, base.get((r["model"], r["protocol"], r["metric"])))
         cells = {"model": r["model"], "method": leaderboard._method(r), "scheme": r["scheme"], "task": r["task"],
-                 "metric": r["metric"], "Δ vs fp16": delta, "protocol": r["protocol"],
+                 "metric": r["metric"], "95 % CI": leaderboard.ci(r), "Δ vs fp16 [95 % CI]": leaderboard.delta_text(d),
+                 "protocol": r["protocol"],
                  "calibration": leaderboard._calib(r), "quantize": leaderboard._quant_time(r),
                  "backend": r["backend"], "config": r["config_hash"],
                  "revision": (r.get("versions") or {}).get("quantbench", "")}
@@ -124,7 +128,9 @@ def _records(records: list[dict], palette) -> str:
                 row.append((f'<span class="swatch" style="background:{palette.get(r["method"], "#999")}"></span>'
                             + html.escape(cells[c]), ""))
             else:
-                row.append((html.escape(str(cells[c])), ' class="num"' if c == "Δ vs fp16" else ""))
+                tie = ' class="num tie" title="the 95 % interval of the difference contains 0: within noise"'
+                row.append((html.escape(str(cells[c])), (tie if d and d["tie"] else ' class="num"')
+                            if c == "Δ vs fp16 [95 % CI]" else ""))
         rows.append(row)
     return ("<h2>Every record</h2><p>The latest record of each configuration and metric. Filter: "
             '<input id="filter" placeholder="e.g. duquant or w4a4"></p>' + _table(list(COLUMNS), rows, "records"))

@@ -12,6 +12,7 @@ from collections import defaultdict
 
 from tabulate import tabulate
 
+from quantbench import uncertainty
 from quantbench.errors import ConfigError
 from quantbench.pipeline import resolve
 from quantbench.plugins import load_plugins  # noqa: F401  (registers the methods that records name)
@@ -45,18 +46,86 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}" if abs(x) < 1e4 else f"{x:.4g}"
 
 
+def ci(r: dict) -> str:
+    """The record's 95 % interval as ``[lo, hi]`` (empty without one)."""
+    c = (r.get("interval") or {}).get("ci95")
+    return f"[{_fmt(c[0])}, {_fmt(c[1])}]" if c else ""
+
+
+def plus_minus(r: dict) -> str:
+    """``value ±h``: h the larger side of the 95 % interval (the value alone without one)."""
+    c = (r.get("interval") or {}).get("ci95")
+    if not c:
+        return _fmt(r["value"])
+    return f"{_fmt(r['value'])} ±{_fmt(max(c[1] - r['value'], r['value'] - c[0]))}"
+
+
+TIE = "≈"  # marks a difference whose 95 % interval contains 0
+
+
+def delta(r: dict, base: dict | None) -> dict | None:
+    """``r - base`` with its 95 % interval: paired (bootstrap over the items both were evaluated on) when both kept
+    their items, else from the two standard errors (independent: wider); ``tie`` when the interval contains 0."""
+    if base is None or r is base:
+        return None
+    d = uncertainty.paired(r["items"], base["items"]) if r.get("items") and base.get("items") else None
+    if d is not None:
+        return {**d, "how": "paired"}
+    out = {"delta": r["value"] - base["value"], "ci95": None, "tie": None, "how": "unpaired"}
+    se = [(x.get("interval") or {}).get("stderr") for x in (r, base)]
+    if all(v is not None for v in se):
+        h = uncertainty.Z95 * (se[0] ** 2 + se[1] ** 2) ** 0.5
+        out.update(ci95=[out["delta"] - h, out["delta"] + h], tie=abs(out["delta"]) <= h)
+    return out
+
+
+def delta_text(d: dict | None, scale: float = 1.0) -> str:
+    """``+6.71 [+5.2, +8.4]``, with :data:`TIE` when the interval contains 0 (``scale``: 100 for percentages)."""
+    if d is None:
+        return ""
+    text = f"{scale * d['delta']:+.2f}"
+    if d["ci95"]:
+        text += f" [{scale * d['ci95'][0]:+.2f}, {scale * d['ci95'][1]:+.2f}]"
+        if d["how"] == "unpaired":
+            text += " unpaired"
+    return text + (f" {TIE}" if d["tie"] else "")
+
+
 def table(group: list[dict]) -> str:
     metric = group[0]["metric"]
-    base = next((r["value"] for r in group if r["method"] == "fp16"), None)
+    base = next((r for r in group if r["method"] == "fp16"), None)
     rows = []
     for r in sorted(group, key=_row_key):
-        delta = "" if base is None or r["method"] == "fp16" else f"{r['value'] - base:+.2f}"
-        rows.append([_method(r), r["scheme"], _desc(r), _fmt(r["value"]), delta, _calib(r),
-                     _quant_time(r), r["backend"], r["config_hash"]])
+        rows.append([_method(r), r["scheme"], _desc(r), _fmt(r["value"]), ci(r), delta_text(delta(r, base)),
+                     _calib(r), _quant_time(r), r["backend"], r["config_hash"]])
+    rows += seed_spread_rows(group)
     better = "lower" if metric in LOWER_IS_BETTER else "higher"
-    headers = ["method", "scheme", "quantizers", f"{metric} ({better} is better)", "Δ vs fp16", "calibration",
-               "quantize", "backend", "config"]
+    headers = ["method", "scheme", "quantizers", f"{metric} ({better} is better)", "95 % CI",
+               f"Δ vs fp16 [95 % CI] ({TIE}: within noise)", "calibration", "quantize", "backend", "config"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def seed_spread_rows(group: list[dict]) -> list[list[str]]:
+    """One row per configuration run under several calibration seeds (``--calib-seeds``; records equal but for the
+    seed): the mean ± sample standard deviation over the seeds, their range, and the seeds."""
+    by: dict[str, list[dict]] = defaultdict(list)
+    for r in group:
+        c = r.get("calibration")
+        if c:
+            rest = {k: v for k, v in c.items() if k not in ("seed", "windows_sha256")}
+            by[repr((r["method"], r["scheme"], r["backend"], sorted((r.get("method_options") or {}).items()),
+                     sorted(rest.items())))].append(r)
+    rows = []
+    for recs in by.values():
+        seeds = sorted({r["calibration"]["seed"] for r in recs})
+        if len(seeds) < 2:
+            continue
+        s = uncertainty.spread([r["value"] for r in recs])
+        r = recs[0]
+        rows.append([f"{_method(r)} · {len(seeds)} calibration seeds", r["scheme"], _desc(r),
+                     f"{_fmt(s['mean'])} ± {_fmt(s['std'])} (sd)", f"range [{_fmt(s['min'])}, {_fmt(s['max'])}]", "",
+                     f"{_calib(r).rsplit(' s', 1)[0]} seeds {','.join(map(str, seeds))}", "", r["backend"], ""])
+    return rows
 
 
 def _method(r: dict) -> str:

@@ -7,16 +7,18 @@
 The subset (:data:`CHECKS`) covers every registered method on the offline default model, SmolLM2-135M (real
 weights, real massive activations), with short calibrations and short GPTQ-protocol perplexity runs (2 x 256
 tokens of the shipped test split). A check fails when its value moves (either way) by more than its relative
-tolerance, when it has no baseline, or when its run fails; a changed config hash (the configuration's content
+tolerance, when it has no baseline, or when its run fails, unless the recorded uncertainty is wider than the tolerance
+and the change lies within it: the paired 95 % interval of now minus the baseline contains 0 (both kept their
+evaluation items), or, without items, the change is inside the baseline's 95 % interval; the status says so. A changed config hash (the configuration's content
 changed) is flagged beside the numbers. CI runs it through ``tests/test_reports.py``.
 
 The checks run the model in float64. In float32 a quantized model's perplexity depends on the CPU: AVX-512, AVX2
 and SSE kernels (and MKL's code paths) sum in different orders, the 1e-7 differences flip rounding decisions, and
 GPTQ's error feedback and the block-wise methods carry each flip on (measured on one machine under four ISA
 settings: GPTQ W4A16 23.07-26.22, DuQuant W4A4 25.75-28.75, norm-tweaking 33.52-37.37). In float64, on
-:data:`THREADS` threads, seven of the nine agree to 1e-8 across those settings (the algorithms compute in float64
+:data:`THREADS` threads, six of the nine agree to 1e-8 across those settings and machines (the algorithms compute in float64
 too, :func:`quantbench.quant.compute_dtype`), so their baselines hold from machine to machine at tight tolerances;
-QuaRot W4A4 and norm-tweaking do not yet (see their checks).
+QuaRot W4A4, norm-tweaking and DuQuant W4A4 do not yet (see their checks).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
+from quantbench import uncertainty
 from quantbench.results import ResultStore
 from quantbench.runner import RunConfig, run
 from quantbench.tasks import make_task
@@ -58,8 +61,10 @@ CHECKS = [
     Check("smollm2/quarot-w4a4", {**_SMOL, "method": "quarot", "scheme": "w4a4"}, tol=5e-2),
     Check("smollm2/smoothquant-w8a8", {**_SMOL, "method": "smoothquant", "scheme": "w8a8", "calibration": _CAL},
           tol=5e-3),
+    # DuQuant W4A4 moves between machines too: 28.0346 (where the baselines were first recorded) and 27.6144 on an
+    # AMD EPYC with AVX-512 (same code, d54ee0b, float64): 1.5 %, one flipped 4-bit rounding carried on.
     Check("smollm2/duquant-w4a4", {**_SMOL, "method": "duquant", "scheme": "w4a4",
-                                   "calibration": {**_CAL, "nsamples": 1}, "options": {"steps": 16}}, tol=1e-2),
+                                   "calibration": {**_CAL, "nsamples": 1}, "options": {"steps": 16}}, tol=2e-2),
     Check("smollm2/omniquant-w4a16", {**_SMOL, "method": "omniquant", "scheme": "w4a16",
                                       "calibration": {**_CAL, "nsamples": 1, "seqlen": 128}, "options": {"epochs": 1}},
           tol=5e-3),
@@ -76,7 +81,28 @@ def run_check(check: Check, results_dir: Path) -> dict:
         raise RuntimeError(f"{check.id}: the run wrote no record ({out})")
     r = out.records[0]
     return {"value": r["value"], "metric": r["metric"], "config_hash": r["config_hash"], "protocol": r["protocol"],
-            "torch": r["versions"].get("torch"), "created": r["created"]}
+            "torch": r["versions"].get("torch"), "created": r["created"],
+            **({"interval": r["interval"]} if r.get("interval") else {}),
+            **({"items": r["items"]} if r.get("items") else {})}
+
+
+def within_noise(got: dict, base: dict, tol: float) -> str | None:
+    """Why a change beyond ``tol`` is still within the recorded uncertainty, or None: the paired 95 % interval of
+    now minus the baseline contains 0 (both kept their evaluation items: the same windows), or, without items, the
+    change is inside the half-width of the baseline's (else the run's) 95 % interval and that is wider than ``tol``."""
+    if got.get("items") and base.get("items"):
+        d = uncertainty.paired(got["items"], base["items"])
+        if d and d["tie"]:
+            return f"within the paired 95 % interval {_f(d['ci95'][0])}..{_f(d['ci95'][1])} (wider than tol)"
+        if d:
+            return None
+    for r in (base, got):
+        ci = (r.get("interval") or {}).get("ci95")
+        if ci:
+            half = max(ci[1] - r["value"], r["value"] - ci[0]) / abs(r["value"])
+            rel = abs(got["value"] - base["value"]) / abs(base["value"])
+            return f"within the 95 % interval ±{half:.2g} (wider than tol)" if tol < rel <= half else None
+    return None
 
 
 def compare(checks: list[Check], now: dict[str, dict | str], baseline: dict[str, dict]) -> tuple[list[list], bool]:
@@ -93,10 +119,13 @@ def compare(checks: list[Check], now: dict[str, dict | str], baseline: dict[str,
             ok = False
             continue
         rel = abs(got["value"] - base["value"]) / abs(base["value"])
-        status = "ok" if rel <= c.tol else ("WORSE" if got["value"] > base["value"] else "BETTER") + " beyond tol"
+        noise = within_noise(got, base, c.tol) if rel > c.tol else None
+        passed = rel <= c.tol or noise is not None
+        status = "ok" if rel <= c.tol else f"ok: {noise}" if noise else (
+            ("WORSE" if got["value"] > base["value"] else "BETTER") + " beyond tol")
         if got["config_hash"] != base["config_hash"]:
             status += "; config changed"
-        ok &= rel <= c.tol
+        ok &= passed
         rows.append([c.id, got["protocol"], _f(base["value"]), _f(got["value"]), f"{got['value'] - base['value']:+.4g}",
                      f"{rel:.2e}", f"{c.tol:g}", status])
     return rows, ok

@@ -74,7 +74,7 @@ def matrix(records: list[dict], model: str = MAIN_MODEL, protocol: str = MAIN_PR
     for m in methods:
         if m == "fp16":  # its one cell is the page's reference line, not a scheme column
             continue
-        rows.append([m, *[" / ".join(leaderboard._fmt(r["value"]) for r in cells.get((m, s), [])) or _empty(m, s)
+        rows.append([m, *[" / ".join(leaderboard.plus_minus(r) for r in cells.get((m, s), [])) or _empty(m, s)
                           for s in schemes]])
     return ["method", *schemes], rows, cells
 
@@ -151,8 +151,11 @@ def plots(cells: dict, out_dir: Path, model: str = MAIN_MODEL, protocol: str = M
         fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.42 * len(w4a4)))
         labels = [_label(r, several[m] > 1) for _, m, r in w4a4][::-1]
         values = [v for v, _, _ in w4a4][::-1]
-        bars = ax.barh(labels, values, color=[palette[m] for _, m, _ in w4a4][::-1])
-        ax.bar_label(bars, labels=[leaderboard._fmt(v) for v in values], padding=3, fontsize=7)
+        cis = [(r.get("interval") or {}).get("ci95") for _, _, r in w4a4][::-1]
+        err = [[v - c[0] if c else 0 for v, c in zip(values, cis)], [c[1] - v if c else 0 for v, c in zip(values, cis)]]
+        bars = ax.barh(labels, values, color=[palette[m] for _, m, _ in w4a4][::-1], xerr=err,
+                       error_kw={"elinewidth": 1, "capsize": 2, "ecolor": "#333"})
+        ax.bar_label(bars, labels=[leaderboard.plus_minus(r) for _, _, r in w4a4][::-1], padding=3, fontsize=7)
         if fp:
             ax.axvline(fp[0]["value"], color="k", ls="--", lw=1, label=f"fp16 {leaderboard._fmt(fp[0]['value'])}")
             ax.legend(fontsize=7, loc="lower right")
@@ -308,7 +311,8 @@ def build(records: list[dict], out_path: Path, results_dir: str = "reports/resul
         fp = cells.get(("fp16", "w16a16"))
         out += [f"## {model}: every method x scheme (PPL, `{protocol}`)", "",
                 f"FP16 reference: {leaderboard._fmt(fp[0]['value']) if fp else 'not run'}. "
-                "`·` = not run; `n/a` = weight-only, outside the reference scope of a method that exists to quantize "
+                "`±` = the larger side of the 95 % bootstrap interval (the leaderboard has the intervals, and the paired "
+                "ones of each difference to FP16). `·` = not run; `n/a` = weight-only, outside the reference scope of a method that exists to quantize "
                 "activations (SmoothQuant, DuQuant: `Method.weight_only`; it would run if asked). A cell with "
                 "several values: several records of the cell (other method options or calibration; see the "
                 "leaderboard). The W4A16/W3A16 columns are per-channel weights; grouped ones are among the other "

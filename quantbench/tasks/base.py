@@ -23,6 +23,10 @@ class Task:
     config: dict  # everything that determines the value (enters the config hash)
     run_options: dict = field(default_factory=dict)  # recorded, not hashed (batch size: value-neutral)
     metrics: ClassVar[tuple[str, ...]] = ()  # metric names ``evaluate`` returns
+    # after ``evaluate``: per metric, its interval (``quantbench.uncertainty``: stderr, ci95, method) and, where the
+    # task has them, the items the value averages (kept in the record for paired comparisons)
+    intervals: dict = field(default_factory=dict, repr=False)
+    items: dict = field(default_factory=dict, repr=False)
 
     def prepare(self, tokenizer) -> None:
         """Load and tokenize the task's data (before any quantization, so a missing dataset fails fast)."""

@@ -21,12 +21,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from importlib import metadata, resources
 from pathlib import Path
 
 import torch
 
-from quantbench import hub
+from quantbench import hub, uncertainty
 from quantbench.errors import ConfigError, NumericalError, UnavailableError
 from quantbench.registry import TASKS
 from quantbench.tasks.base import GROUPS, Task
@@ -186,15 +187,63 @@ class LmEvalTask(Task):
                      name=self.name)
         log.info("%s: lm-eval %s (%d-shot, batch %d)", self.name, ", ".join(_names(self.specs())),
                  c["num_fewshot"], lm.batch_size)
-        with self._offline(), _quiet():
+        with self._offline(), _quiet(), _no_bootstrap_pool():
             res = lm_eval.simple_evaluate(
                 model=lm, tasks=self.specs(), task_manager=task_manager(self.folders), num_fewshot=c["num_fewshot"],
-                limit=c.get("limit") or None, bootstrap_iters=0, log_samples=False, **SEEDS)
+                limit=c.get("limit") or None, bootstrap_iters=BOOTSTRAP_ITERS, log_samples=False, **SEEDS)
         out = self.pick(res)
         bad = {k: v for k, v in out.items() if not math.isfinite(v)}
         if bad:
             raise NumericalError(f"{self.name}: non-finite lm-eval metrics {bad}")
+        self.intervals = stderr_intervals(self.pick, res, out)
         return out
+
+
+BOOTSTRAP_ITERS = 1000  # lm-eval's standard errors: closed form for means, its own seeded bootstrap otherwise
+
+
+@contextlib.contextmanager
+def _no_bootstrap_pool():
+    """lm-eval's bootstrap in this process (``DISABLE_MULTIPROC``): its default forks a Pool per metric, which a
+    process holding OpenMP threads must not do; the draws are the same seeded ones."""
+    old = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = old
+
+
+def stderr_intervals(pick, res: dict, values: dict[str, float]) -> dict[str, dict]:
+    """Per metric, lm-eval's standard error as a normal 95 % interval: the task's ``pick`` applied to the results
+    with every ``metric,filter`` replaced by its ``metric_stderr,filter``. A pick that averages subtasks gets the
+    same average of their standard errors: an upper bound on the average's standard error (stated)."""
+    def swap(entry: dict) -> dict:
+        out = dict(entry)
+        for key in entry:
+            metric, sep, filt = key.partition(",")
+            se = entry.get(f"{metric}_stderr{sep}{filt}")
+            out[key] = float(se) if isinstance(se, (int, float)) else float("nan")
+        return out
+
+    swapped = {t: swap(e) for t, e in res["results"].items()}
+    try:
+        errs = pick({**res, "results": swapped})
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        errs = {}
+    reported = {v for e in swapped.values() for v in e.values() if math.isfinite(v)}
+    out = {}
+    for m, v in values.items():
+        se = errs.get(m)
+        what = ("lm-eval standard error" if se in reported else
+                "lm-eval standard errors averaged as the metric averages subtasks (an upper bound)")
+        bounded = m.split("_")[0] in ("acc", "score", "exact", "f1") or m.startswith(("acc", "score"))
+        out[m] = uncertainty.normal_interval(v, se, what, 0.0, 1.0) if bounded and 0 <= v <= 1 else \
+            uncertainty.normal_interval(v, se, what, 0.0 if "perplexity" in m else None)
+    return out
 
 
 def _names(specs) -> list[str]:

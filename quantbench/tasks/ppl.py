@@ -1,6 +1,10 @@
 """GPTQ-protocol perplexity (GPTQ ``datautils.py`` + ``llama_eval``, as all four reference repos use it): non-overlapping seqlen windows, mean token CE per window over the
 seqlen-1 shifted targets, PPL = exp(mean over windows). No BOS per window. Batch-size independent: each window's
 loss is computed on its own row, batching only groups rows.
+
+The interval (``quantbench.uncertainty``): each window's NLL is also summed per 256-token segment of targets and kept
+in the record, so the PPL can be bootstrapped over windows (or segments, with fewer than 8 windows) and two
+configurations compared window by window.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from quantbench import data
+from quantbench import data, uncertainty
 from quantbench.errors import ConfigError, NumericalError
 from quantbench.quant import widen
 from quantbench.registry import TASKS
@@ -30,13 +34,23 @@ class PerplexityTask(Task):
     def evaluate(self, model, tokenizer) -> dict[str, float]:
         if getattr(self, "windows", None) is None:
             self.prepare(tokenizer)
-        losses = window_losses(model, self.windows, self.run_options.get("batch_size", 1), desc=self.name)
-        return {"ppl": math.exp(losses.mean().item())}
+        segments: list = []
+        losses = window_losses(model, self.windows, self.run_options.get("batch_size", 1), desc=self.name,
+                               segments=segments)
+        value = math.exp(losses.mean().item())
+        items = uncertainty.ppl_items([s for s, _ in segments], [c for _, c in segments],
+                                      data.windows_digest(self.windows))
+        self.items = {"ppl": items}
+        self.intervals = {"ppl": uncertainty.interval(items)}
+        return {"ppl": value}
 
 
 @torch.no_grad()
-def window_losses(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl") -> torch.Tensor:
-    """Mean next-token cross-entropy of each window (fp32), shape ``[n]``."""
+def window_losses(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl",
+                  segments: list | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of each window (fp32), shape ``[n]``. With ``segments`` (a list), also append
+    per window ``(NLL sums, token counts)`` of its consecutive :data:`~quantbench.uncertainty.SEGMENT`-token target
+    segments (float64 sums of the same fp32 token losses)."""
     device = next(model.parameters()).device
     out = []
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", leave=False):
@@ -44,6 +58,10 @@ def window_losses(model, windows: torch.Tensor, batch_size: int = 1, desc: str =
         logits = widen(model(input_ids=ids, use_cache=False).logits)
         ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
         out.append(ce.mean(1).cpu())
+        if segments is not None:
+            for row in ce.detach().cpu().double():
+                parts = row.split(uncertainty.SEGMENT)
+                segments.append(([p.sum().item() for p in parts], [len(p) for p in parts]))
     losses = torch.cat(out)
     bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
     if bad:
