@@ -48,8 +48,9 @@ def interval(items: dict, iters: int = ITERS, seed: int = SEED) -> dict:
         return {"stderr": None, "ci95": None, "n": n, "method": f"none: {n} {items['unit']}"}
     boot = _stat(items, _indices(n, iters, seed))
     lo, hi = np.percentile(boot, [2.5, 97.5])
+    few = f"; fewer than {MIN_UNITS} units: a rough interval" if n < MIN_UNITS else ""
     return {"stderr": float(boot.std(ddof=1)), "ci95": [float(lo), float(hi)], "n": n,
-            "method": f"bootstrap over {n} {items['unit']} ({iters} resamples, seed {seed}, percentile 95 %)"}
+            "method": f"bootstrap over {n} {items['unit']} ({iters} resamples, seed {seed}, percentile 95 %{few})"}
 
 
 def paired(a: dict, b: dict, iters: int = ITERS, seed: int = SEED) -> dict | None:

@@ -8,7 +8,7 @@ The subset (:data:`CHECKS`) covers every registered method on the offline defaul
 weights, real massive activations), with short calibrations and short GPTQ-protocol perplexity runs (2 x 256
 tokens of the shipped test split). A check fails when its value moves (either way) by more than its relative
 tolerance, when it has no baseline, or when its run fails, unless the recorded uncertainty is wider than the tolerance
-and the change lies within it: the paired 95 % interval of now minus the baseline contains 0 (both kept their
+and the change lies within it: the paired 95 % interval of now minus the baseline contains 0 (both kept 8 or more
 evaluation items), or, without items, the change is inside the baseline's 95 % interval; the status says so. A changed config hash (the configuration's content
 changed) is flagged beside the numbers. CI runs it through ``tests/test_reports.py``.
 
@@ -88,10 +88,13 @@ def run_check(check: Check, results_dir: Path) -> dict:
 
 def within_noise(got: dict, base: dict, tol: float) -> str | None:
     """Why a change beyond ``tol`` is still within the recorded uncertainty, or None: the paired 95 % interval of
-    now minus the baseline contains 0 (both kept their evaluation items: the same windows), or, without items, the
+    now minus the baseline contains 0 (both kept at least ``MIN_UNITS`` evaluation items, the same ones), or, without
+    items, the
     change is inside the half-width of the baseline's (else the run's) 95 % interval and that is wider than ``tol``."""
     if got.get("items") and base.get("items"):
         d = uncertainty.paired(got["items"], base["items"])
+        if d and d["n"] < uncertainty.MIN_UNITS:  # a bootstrap over so few units decides nothing
+            return None
         if d and d["tie"]:
             return f"within the paired 95 % interval {_f(d['ci95'][0])}..{_f(d['ci95'][1])} (wider than tol)"
         if d:
