@@ -21,7 +21,7 @@ table{border-collapse:collapse;margin:8px 0 16px;font-size:13px}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:left;white-space:nowrap}
 th{background:#f3f3f3;cursor:pointer;user-select:none}th[aria-sort=ascending]::after{content:" \\25B2"}
 th[aria-sort=descending]::after{content:" \\25BC"}td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.tie{color:#777;font-style:italic}td[data-prov]{cursor:help}td[data-prov]:hover{background:#fff6d5}.swatch{display:inline-block;width:10px;
+td.tie,p.tie{color:#777;font-style:italic}td[data-prov]{cursor:help}td[data-prov]:hover{background:#fff6d5}.swatch{display:inline-block;width:10px;
 height:10px;margin-right:5px;border-radius:2px}.warn{background:#fff0f0;border-left:4px solid #c33;padding:6px 10px}
 #prov{position:sticky;top:0;background:#f7fbff;border:1px solid #9bd;padding:6px 10px;min-height:1.4em;
 font:12px monospace;white-space:pre-wrap;z-index:1}img{max-width:100%;border:1px solid #eee;margin:6px 0}
@@ -81,7 +81,7 @@ def _num(r: dict) -> tuple[str, str]:
     return html.escape(leaderboard.plus_minus(r)), f' class="num" data-v="{r["value"]!r}"' + _prov_attr(r)
 
 
-def _matrix(model, protocol, headers, rows, cells, palette) -> str:
+def _matrix(model, protocol, headers, rows, cells, tied, palette) -> str:
     out = []
     for row in rows:
         method = row[0]
@@ -104,7 +104,9 @@ def _matrix(model, protocol, headers, rows, cells, palette) -> str:
             "to sort; hover or click a number for its provenance and 95 % interval. ± = the larger side of the 95 % "
             "bootstrap interval. · = not run; n/a = weight-only, outside the method's scope. Differences to FP16 "
             f"with their paired intervals are in the table of every record ({leaderboard.TIE} and grey: within "
-            "noise).</p>" + _table(headers, out))
+            "noise).</p>" + _table(headers, out)
+            + (f'<p class="tie">Within noise (the paired 95 % interval of the difference contains 0): '
+               f"{html.escape('; '.join(tied))}.</p>" if tied else ""))
 
 
 def _records(records: list[dict], palette) -> str:

@@ -93,6 +93,30 @@ def _label(r: dict, several: bool) -> str:
     return f"{r['method']} ({r['config_hash'][:6]})" if several else r["method"]
 
 
+def _plain_ticks(axis) -> None:
+    """Log-axis ticks as plain numbers (20, 30, 50, 100, ...), not ``3×10¹``."""
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+    axis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def ties(records: list[dict], model: str, protocol: str) -> list[str]:
+    """The pairs of perplexity records (same model, protocol and evaluation windows) whose paired 95 % interval of
+    the difference contains 0: differences the evaluation cannot tell from noise."""
+    recs = sorted((r for r in leaderboard.latest(records) if r["model"] == model and r["protocol"] == protocol
+                   and r["metric"] == "ppl" and r.get("items")), key=lambda r: r["value"])
+    out = []
+    for i, a in enumerate(recs):
+        for b in recs[i + 1:]:
+            d = leaderboard.delta(b, a)
+            if d and d["tie"]:
+                out.append(f"{b['method']} {b['scheme']} − {a['method']} {a['scheme']}: "
+                           f"{leaderboard.delta_text(d).removesuffix(' ' + leaderboard.TIE)}")
+    return out
+
+
 def plots(cells: dict, out_dir: Path, model: str = MAIN_MODEL, protocol: str = MAIN_PROTOCOL,
           palette: dict[str, str] | None = None, tag: str = "") -> list[Path]:
     """PPL against bits per method (markers on the scheme axis, no lines: the schemes are categories) and the W4A4
@@ -160,6 +184,7 @@ def plots(cells: dict, out_dir: Path, model: str = MAIN_MODEL, protocol: str = M
             ax.axvline(fp[0]["value"], color="k", ls="--", lw=1, label=f"fp16 {leaderboard._fmt(fp[0]['value'])}")
             ax.legend(fontsize=7, loc="lower right")
         ax.set_xscale("log")
+        _plain_ticks(ax.xaxis)
         ax.set_xlim(right=max(values) * 4)
         ax.set_xlabel("perplexity at W4A4 (log; lower is better)")
         ax.set_title(f"{model}: methods at W4A4, best first ({protocol})", fontsize=9)
@@ -307,7 +332,7 @@ def build(records: list[dict], out_path: Path, results_dir: str = "reports/resul
     pairs = sections(records) or [(MAIN_MODEL, MAIN_PROTOCOL)]
     for k, (model, protocol) in enumerate(pairs):
         headers, rows, cells = matrix(records, model, protocol)
-        matrices.append((model, protocol, headers, rows, cells))
+        matrices.append((model, protocol, headers, rows, cells, ties(records, model, protocol)))
         fp = cells.get(("fp16", "w16a16"))
         out += [f"## {model}: every method x scheme (PPL, `{protocol}`)", "",
                 f"FP16 reference: {leaderboard._fmt(fp[0]['value']) if fp else 'not run'}. "
@@ -317,6 +342,10 @@ def build(records: list[dict], out_path: Path, results_dir: str = "reports/resul
                 "several values: several records of the cell (other method options or calibration; see the "
                 "leaderboard). The W4A16/W3A16 columns are per-channel weights; grouped ones are among the other "
                 "columns.", "", tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True), ""]
+        tied = matrices[-1][5]
+        if tied:
+            out += ["Within noise (the paired 95 % interval of the difference contains 0): " + "; ".join(tied) + ".",
+                    ""]
         if cells:
             tag = "" if k == 0 else f"-{k}"
             figs = plots(cells, plot_dir, model, protocol, palette, tag)

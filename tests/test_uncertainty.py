@@ -149,3 +149,14 @@ def test_lmeval_standard_errors_follow_the_pick():
     assert iv["acc"]["stderr"] == 0.05 and iv["acc"]["ci95"] == pytest.approx([0.6 - 1.96 * 0.05, 0.6 + 1.96 * 0.05],
                                                                               abs=1e-3)
     assert iv["acc_norm"]["ci95"] is None and "no standard error" in iv["acc_norm"]["method"]
+
+
+def test_the_site_lists_the_pairs_within_noise():
+    from quantbench.reports import site
+    base = nll_items(64, seed=9)
+    near = {**base, "values": [v + (0.01 if i % 2 else -0.01) for i, v in enumerate(base["values"])]}
+    far = {**base, "values": [v + 0.3 for v in base["values"]]}
+    recs = [{**_rec(m, uncertainty._stat(it), it, uncertainty.interval(it)), "model": "m", "protocol": "p",
+             "created": "0"} for m, it in (("a", base), ("b", near), ("c", far))]
+    tied = site.ties(recs, "m", "p")
+    assert len(tied) == 1 and tied[0].startswith(("b w4a4 − a w4a4", "a w4a4 − b w4a4"))
