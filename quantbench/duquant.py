@@ -146,6 +146,7 @@ def greedy_rotation_reference(x: torch.Tensor, b: int, steps: int, mode: str, ge
 
 
 SEARCH_DTYPES = ("float64", "float32")
+SCREEN_ROWS = 1024  # below this many candidate rows the float64 product itself is cheaper than a screen
 _U32 = 2.0 ** -24  # unit roundoff of float32
 
 
@@ -182,8 +183,9 @@ def greedy_rotation(x: torch.Tensor, b: int, steps: int, mode: str, gen: torch.G
     Rows: an orthogonal block rotation keeps every row's L2 norm and no entry exceeds its row's norm, so only the
     rows whose norm reaches the current extreme take part (the set doubles whenever a row outside could still win).
     Entries: each step screens those rows in float32 (``v @ acc``, from scratch, so no error accumulates) and
-    computes in float64 only the rows the screen's error bound cannot rule out (:func:`_pick_screened`); the step
-    product ``acc`` is kept in float64 and is the returned rotation. ``dtype="float32"`` is the whole search in
+    computes in float64 only the rows the screen's error bound cannot rule out (:func:`_pick_screened`); with at most
+    :data:`SCREEN_ROWS` rows left it computes them in float64 directly. The step product ``acc`` is kept in float64
+    and is the returned rotation. ``dtype="float32"`` is the whole search in
     float32 (screen values picked directly, ``acc`` in float32): faster, not exact."""
     _check(x, b, mode)
     if dtype not in SEARCH_DTYPES:
@@ -205,7 +207,7 @@ def greedy_rotation(x: torch.Tensor, b: int, steps: int, mode: str, gen: torch.G
 
     def take(k):  # the k largest-norm rows, in ascending row order (so "first on ties" matches the full search)
         rows = torch.sort(order[:k]).values
-        return rows, v32[rows], rel * sorted_norms[0].item()
+        return rows, (v32 if exact and k > SCREEN_ROWS else v if exact else v32)[rows], rel * sorted_norms[0].item()
 
     k = min(n, 64)
     rows, sub, slack = take(k)
@@ -213,11 +215,10 @@ def greedy_rotation(x: torch.Tensor, b: int, steps: int, mode: str, gen: torch.G
     for s in range(steps + 1):
         acc = prods[-1]
         while True:
-            cur = sub @ (acc.float() if exact else acc)
-            if exact:
-                score, need, r, col = _pick_screened(v, rows, cur, slack, acc, mode)
-            else:
-                score, need, r, col = _pick(cur, mode)
+            if exact and k > SCREEN_ROWS:
+                score, need, r, col = _pick_screened(v, rows, sub @ acc.float(), slack, acc, mode)
+            else:  # few rows (float64 is as cheap as a screen) or the float32 search: pick from the product
+                score, need, r, col = _pick(sub @ acc, mode)
             if k == n or sorted_norms[k].item() < need:  # no row outside can hold the pick
                 break
             k = min(n, max(2 * k, at_least(need)))

@@ -102,14 +102,19 @@ def test_fast_search_equals_an_independent_oracle(seed, mode, make):
 
 
 @pytest.mark.parametrize("mode", dq.MODES)
-def test_the_screen_defers_a_float32_tie_to_float64(mode):
+def test_the_screen_defers_a_float32_tie_to_float64(mode, monkeypatch):
     """Two extremes 1e-9 apart are one float32 value: a pick from the float32 screen alone takes the first (row 0);
-    the exact search must take the larger (row 3), as the float64 oracle does, and so swap another index."""
-    x = torch.randn(64, 128, generator=torch.Generator().manual_seed(0)).double() * 0.05
+    the exact search must take the larger (row 6), as the float64 oracle does, and so swap another index. 2048 rows
+    of similar norm, so the screen (not the direct float64 product of a few rows) decides."""
+    x = torch.randn(1024, 128, generator=torch.Generator().manual_seed(0)).double() * 0.05
     x[0, 5], x[3, 7] = 1.0, 1.0 + 1e-9  # rows 0 and 6 of the [T*K, B] view (B = 64: row = 2 token + block)
     b = 64
     steps, *_ = _oracle_search(x, b, 4, mode, torch.Generator().manual_seed(0))
+    screened = []
+    real = dq._pick_screened
+    monkeypatch.setattr(dq, "_pick_screened", lambda *a: screened.append(a[2].shape[0]) or real(*a))
     exact = dq.greedy_rotation(x, b, 4, mode, torch.Generator().manual_seed(0))
+    assert screened and screened[0] > dq.SCREEN_ROWS  # the screen ran, on more rows than the direct path takes
     loose = dq.greedy_rotation(x, b, 4, mode, torch.Generator().manual_seed(0), dtype="float32")
     want = (3 * 2) % b if mode == "repo" else 7  # repo: the row of the [T*K, B] view; paper: the channel
     assert steps[0] == want and exact.steps == steps
