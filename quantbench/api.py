@@ -126,12 +126,13 @@ def quantize(model, method: str, scheme: str = "headline", *, tokenizer=None, ca
 
 
 def evaluate(model, tasks, *, tokenizer=None, seqlen: int = 2048, ppl_windows: int | None = None,
-             device: str | None = None, **task_options) -> dict[str, dict[str, float]]:
+             device: str | None = None, intervals: bool = False, **task_options) -> dict[str, dict]:
     """Evaluate ``model`` (a :class:`QuantizedModel`, realized with the fake-quant backend unless it already is; a
     loaded ``transformers`` model; or a model name, loaded in FP) on ``tasks`` (a name, a group, or a list of them:
     ``ppl-austen``, ``local``, ``mmlu-local-5shot``, ...) -> ``{task: {metric: value}}``. ``seqlen``/``ppl_windows``:
     the perplexity window length and an optional cap on windows; ``task_options``: ``batch_size``, ``limit``,
-    ``add_bos``, ``variant`` (c4), ``longbench_max_length``, ``passkey_lengths``."""
+    ``add_bos``, ``variant`` (c4), ``longbench_max_length``, ``passkey_lengths``. With ``intervals``, each metric is
+    ``{"value", "stderr", "ci95", "method", "n"}`` (``quantbench.uncertainty``), as the records hold it."""
     load_plugins()
     names = expand([tasks] if isinstance(tasks, str) else list(tasks))
     built = [make_task(t, seqlen=seqlen, max_windows=ppl_windows or 0, **task_options) for t in names]
@@ -152,7 +153,9 @@ def evaluate(model, tasks, *, tokenizer=None, seqlen: int = 2048, ppl_windows: i
     for task in built:
         task.prepare(tok)
         with torch.no_grad():
-            out[task.name] = task.evaluate(module, tok)
+            values = task.evaluate(module, tok)
+        out[task.name] = {m: {"value": v, **(task.intervals.get(m) or {})} for m, v in values.items()} if intervals \
+            else values
     return out
 
 

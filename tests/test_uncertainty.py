@@ -160,3 +160,14 @@ def test_the_site_lists_the_pairs_within_noise():
              "created": "0"} for m, it in (("a", base), ("b", near), ("c", far))]
     tied = site.ties(recs, "m", "p")
     assert len(tied) == 1 and tied[0].startswith(("b w4a4 − a w4a4", "a w4a4 − b w4a4"))
+
+
+def test_the_api_returns_intervals_on_request():
+    import quantbench
+    lm = models.load("tiny-llama")
+    plain = quantbench.evaluate(lm.model, "ppl-austen", tokenizer=lm.tokenizer, seqlen=128, ppl_windows=2)
+    full = quantbench.evaluate(lm.model, "ppl-austen", tokenizer=lm.tokenizer, seqlen=128, ppl_windows=2,
+                               intervals=True)
+    got = full["ppl-austen"]["ppl"]
+    assert got["value"] == plain["ppl-austen"]["ppl"] and got["ci95"][0] < got["value"] < got["ci95"][1]
+    assert "bootstrap over 2" in got["method"]
