@@ -185,8 +185,8 @@ def greedy_rotation(x: torch.Tensor, b: int, steps: int, mode: str, gen: torch.G
     Entries: each step screens those rows in float32 (``v @ acc``, from scratch, so no error accumulates) and
     computes in float64 only the rows the screen's error bound cannot rule out (:func:`_pick_screened`); with at most
     :data:`SCREEN_ROWS` rows left it computes them in float64 directly. The step product ``acc`` is kept in float64
-    and is the returned rotation. ``dtype="float32"`` is the whole search in
-    float32 (screen values picked directly, ``acc`` in float32): faster, not exact."""
+    and is the returned rotation. ``dtype="float32"`` is the whole search in float32 (screen values picked directly,
+    ``acc`` in float32): faster, not exact."""
     _check(x, b, mode)
     if dtype not in SEARCH_DTYPES:
         raise ConfigError(f"unknown DuQuant search dtype {dtype!r}; choose one of {', '.join(SEARCH_DTYPES)}")
@@ -203,11 +203,12 @@ def greedy_rotation(x: torch.Tensor, b: int, steps: int, mode: str, gen: torch.G
 
     def at_least(t: float) -> int:  # how many rows have a norm >= t
         return int(torch.searchsorted(ascending, torch.tensor([-t], dtype=ascending.dtype), right=True))
+
     prods = [torch.eye(b, dtype=torch.float64 if exact else torch.float32)]  # prods[s]: product of the first s steps
 
     def take(k):  # the k largest-norm rows, in ascending row order (so "first on ties" matches the full search)
         rows = torch.sort(order[:k]).values
-        return rows, (v32 if exact and k > SCREEN_ROWS else v if exact else v32)[rows], rel * sorted_norms[0].item()
+        return rows, (v if exact and k <= SCREEN_ROWS else v32)[rows], rel * sorted_norms[0].item()
 
     k = min(n, 64)
     rows, sub, slack = take(k)
@@ -227,10 +228,12 @@ def greedy_rotation(x: torch.Tensor, b: int, steps: int, mode: str, gen: torch.G
         if s == steps:
             break
         j = _swap_index(int(rows[r]), col, mode, b)
-        m = mats.get(j) if mode == "repo" else None  # repo: one base matrix, so one E_j M E_j per index
+        m = mats.get(j)
         if m is None:
             m = swapped(base(s), j)
-            m = mats.setdefault(j, m if exact else m.float()) if mode == "repo" else m if exact else m.float()
+            m = m if exact else m.float()
+            if mode == "repo":  # one base matrix per search, so one E_j M E_j per index (paper: a new one per step)
+                mats[j] = m
         idx.append(j)
         prods.append(acc @ m)
         shrink = min(n, max(64, at_least(need / 2)))  # rows likely to matter next step

@@ -10,20 +10,12 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from quantbench.results import versions
+from quantbench.results import device_info, versions
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``) and its core count, e.g. ``AMD EPYC 2-core``."""
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} {os.cpu_count()}-core"
+    """The CPU's model name (``results.device_info``) and its core count, e.g. ``AMD EPYC 2-core``."""
+    return f"{device_info('cpu')['name']} {os.cpu_count()}-core"
 
 
 def write_table(kind: str, title: str, how: str, rows: list[dict], device: str = "cuda") -> Path:
