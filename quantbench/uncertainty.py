@@ -1,14 +1,15 @@
 """Uncertainty of every number: seeded bootstrap intervals over evaluation items and paired differences.
 
 An evaluation's *items* are what its value averages: for GPTQ-protocol perplexity the per-unit sums of token NLLs
-and their token counts (``PPL = exp(Σ nll / Σ tokens)``), for an accuracy the per-document scores (``value = mean``).
+and their token counts (``PPL = exp(Σ nll / Σ tokens)``). lm-eval tasks keep no items; their intervals come from
+lm-eval's standard errors (:func:`normal_interval`).
 :func:`interval` resamples the items with replacement (percentile bootstrap, ``ITERS`` resamples from a fixed seed,
 so the same items always give the same interval); :func:`paired` resamples two evaluations of the *same* items
 with the same indices and gives the interval of their difference, which is what decides whether a gap is real:
 most of the item-to-item variance is shared by both configurations and cancels.
 
 Perplexity's unit is the evaluation window when there are at least :data:`MIN_UNITS` of them; with fewer (the main
-job scores one 2048-token window) each window is cut into :data:`SEGMENT`-token segments and the segments are
+job scores four 2048-token windows) each window is cut into :data:`SEGMENT`-token segments and the segments are
 resampled (a block bootstrap: tokens stay with their neighbours). The record names the unit.
 """
 from __future__ import annotations
@@ -31,8 +32,6 @@ def _indices(n: int, iters: int, seed: int) -> np.ndarray:
 def _stat(items: dict, idx: np.ndarray | None = None) -> np.ndarray | float:
     """The value the items give (on resamples ``idx`` [iters, n], one value per resample)."""
     v = np.asarray(items["values"], dtype=np.float64)
-    if items["kind"] == "mean":
-        return v.mean() if idx is None else v[idx].mean(1)
     if items["kind"] == "exp_mean":  # perplexity: exp(Σ nll / Σ tokens)
         w = np.asarray(items["weights"], dtype=np.float64)
         if idx is None:
@@ -79,10 +78,6 @@ def ppl_items(nll_sums: list[list[float]], counts: list[list[int]], ids: str) ->
         weights = [c for cs in counts for c in cs]
         unit = f"{SEGMENT}-token segments of {len(nll_sums)} window{'s' if len(nll_sums) > 1 else ''}"
     return {"kind": "exp_mean", "values": values, "weights": weights, "unit": unit, "ids": ids}
-
-
-def mean_items(scores: list[float], ids: str, unit: str = "documents") -> dict:
-    return {"kind": "mean", "values": [float(s) for s in scores], "unit": unit, "ids": ids}
 
 
 def normal_interval(value: float, stderr: float | None, what: str, lo: float | None = None,

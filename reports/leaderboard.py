@@ -79,13 +79,13 @@ def delta(r: dict, base: dict | None) -> dict | None:
     return out
 
 
-def delta_text(d: dict | None, scale: float = 1.0) -> str:
-    """``+6.71 [+5.2, +8.4]``, with :data:`TIE` when the interval contains 0 (``scale``: 100 for percentages)."""
+def delta_text(d: dict | None) -> str:
+    """``+6.71 [+5.20, +8.40]``, with :data:`TIE` when the interval contains 0."""
     if d is None:
         return ""
-    text = f"{scale * d['delta']:+.2f}"
+    text = f"{d['delta']:+.2f}"
     if d["ci95"]:
-        text += f" [{scale * d['ci95'][0]:+.2f}, {scale * d['ci95'][1]:+.2f}]"
+        text += f" [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
         if d["how"] == "unpaired":
             text += " unpaired"
     return text + (f" {TIE}" if d["tie"] else "")

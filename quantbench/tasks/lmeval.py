@@ -240,9 +240,10 @@ def stderr_intervals(pick, res: dict, values: dict[str, float]) -> dict[str, dic
         se = errs.get(m)
         what = ("lm-eval standard error" if se in reported else
                 "lm-eval standard errors averaged as the metric averages subtasks (an upper bound)")
-        bounded = m.split("_")[0] in ("acc", "score", "exact", "f1") or m.startswith(("acc", "score"))
-        out[m] = uncertainty.normal_interval(v, se, what, 0.0, 1.0) if bounded and 0 <= v <= 1 else \
-            uncertainty.normal_interval(v, se, what, 0.0 if "perplexity" in m else None)
+        if m.startswith(("acc", "score", "exact_match", "f1")) and 0 <= v <= 1:  # a proportion
+            out[m] = uncertainty.normal_interval(v, se, what, 0.0, 1.0)
+        else:
+            out[m] = uncertainty.normal_interval(v, se, what, 0.0 if "perplexity" in m else None)
     return out
 
 
