@@ -19,7 +19,7 @@ from quantbench.backends.int4 import PACK, Int4Weight, check_k, shift_of
 from quantbench.errors import ConfigError
 from quantbench.quant import SCALE_MAX, SCALE_MIN, QuantSpec
 
-GRID_IDS = {"sym": 0, "sym_pm": 1, "asym": 2, "minmax": 3, "minmax_sym": 4}
+GRID_IDS = {"sym": 0, "sym_pm": 1, "asym": 2, "minmax": 3, "minmax_sym": 4, "sym_ct": 5}
 HALF = PACK // 2
 # fp32 rotation dots: exact fp32 FMAs in the interpreter; on a GPU "ieee" runs without tensor cores and spills (6 ms
 # for one 4096-wide row on H100), so 3xTF32 (fp32-level error, ~1e-6 relative) on the tensor cores
@@ -84,10 +84,14 @@ def _rotate_quant_kernel(x_ptr, r_ptr, q_ptr, s_ptr, z_ptr, sum_ptr, M, K, strid
     elif GRID == 3:  # minmax (DuQuant/OmniQuant)
         scale = tl.minimum(tl.maximum(tl.math.div_rn(hi - lo, tl.full((BM,), QMAX, tl.float32)), SMIN), SMAX)
         zero = _rne(tl.minimum(tl.maximum(tl.math.div_rn(-lo, scale), -SMAX), SMAX))
-    else:  # minmax_sym
+    elif GRID == 4:  # minmax_sym
         amax = tl.maximum(tl.abs(lo), tl.abs(hi))
         scale = tl.minimum(tl.maximum(tl.math.div_rn(amax, tl.full((BM,), SHIFT - 1.0, tl.float32)), SMIN), SMAX)
         zero = tl.full((BM,), SHIFT - 1.0, tl.float32)
+    else:  # sym_ct (compressed-tensors): absmax / ((QMAX - QMIN) / 2), an all-zero row gets fp32 eps
+        amax = tl.maximum(tl.abs(lo), tl.abs(hi))
+        scale = tl.math.div_rn(amax, tl.full((BM,), (QMAX - QMIN) / 2.0, tl.float32))
+        scale = tl.where(scale == 0.0, 1.1920928955078125e-07, scale)
     total = tl.zeros((BM,), tl.int32)
     for k0 in range(0, K, B):
         y = _block(x_ptr, r_ptr, rows, row_mask, k0, stride_xm, B, HAS_R)

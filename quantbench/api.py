@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantbench import models, planstore, validate
+from quantbench import export, models, planstore, validate
 from quantbench.data import Calibration
 from quantbench.errors import ConfigError
 from quantbench.adapters import adapter_for
@@ -27,9 +27,9 @@ from quantbench.models import LoadedModel
 from quantbench.pipeline import resolve
 from quantbench.plan import QuantizedModel as Plan
 from quantbench.plugins import load_plugins
-from quantbench.quant import parse_scheme
+from quantbench.quant import override_specs, parse_scheme
 from quantbench.registry import BACKENDS
-from quantbench.results import ResultStore
+from quantbench.results import ResultStore, versions
 from quantbench.runner import RunConfig, calibration_config, run_identity, seed_everything
 from quantbench.tasks import expand, make_task
 
@@ -64,6 +64,15 @@ class QuantizedModel:
         self._realized = (backend, module)
         return module
 
+    def save_pretrained(self, path, format: str = "compressed-tensors", *, allow_activation_grid: bool = False,
+                        overwrite: bool = False) -> Path:
+        """Write the model as a checkpoint that transformers and vLLM load (:mod:`quantbench.export`): the plan's
+        codes and scales packed as they are, activation args, tokenizer, config, and this model's provenance. What
+        the format cannot express is refused before anything is written, naming the layer and why."""
+        prov = export.provenance(self.info, self.plan, versions())
+        return export.save(self.plan, self.tokenizer, prov, path, format,
+                           allow_activation_grid=allow_activation_grid, overwrite=overwrite)
+
 
 def _device_of(model: nn.Module) -> str:
     p = next(model.parameters(), None)
@@ -93,21 +102,24 @@ def _loaded(model, tokenizer, dtype: str, device: str, seed: int) -> LoadedModel
 
 
 def quantize(model, method: str, scheme: str = "headline", *, tokenizer=None, calibration: dict | None = None,
-             device: str | None = None, dtype: str = "auto", seed: int = 0, **options) -> QuantizedModel:
+             device: str | None = None, dtype: str = "auto", seed: int = 0, quantizers: dict | None = None,
+             **options) -> QuantizedModel:
     """Quantize ``model`` (an HF id, zoo alias, local path, built-in name, or a loaded ``transformers`` model:
     quantized in place) with ``method`` (a registered name or an ``a+b+c`` pipeline) at ``scheme`` (``w4a4``,
     ``w4a16g128``, ...; ``headline``: the method's own). ``calibration``: ``corpus``, ``nsamples``, ``seqlen``,
-    ``seed`` (unset keys: the method's reference recipe); ``options``: the method's options (``percdamp=0.1``)."""
+    ``seed`` (unset keys: the method's reference recipe); ``quantizers``: grid/clip overrides per tensor, as
+    ``--wgrid/--agrid/--aclip`` (``{"a": {"grid": "sym_ct"}}``); ``options``: the method's options (``percdamp=0.1``)."""
     load_plugins()
     calibration = dict(calibration or {})
     unknown = sorted(set(calibration) - set(CALIBRATION_KEYS))
     if unknown:
         raise ConfigError(f"calibration has no key {', '.join(unknown)}; its keys: {', '.join(CALIBRATION_KEYS)}")
     cls = resolve(method)
-    text = cls.headline if scheme == "headline" else scheme
+    text = cls.headline_for(model) if scheme == "headline" else scheme
     name, geo, device = _target(model, device)
     m = cls(seed=seed, device=device, **options)  # options, scheme, shapes: all checked before the model loads
-    sch = parse_scheme("w16a16" if not cls.quantizes else text, m.specs())
+    quantizers = dict(quantizers or {})
+    sch = parse_scheme("w16a16" if not cls.quantizes else text, override_specs(m.specs(), quantizers))
     merged = calibration_config(m, calibration) if m.needs_calibration else None
     validate.check_run(m, sch, model=name, device=device, backend="fake_quant", calibration=merged, geometry=geo)
     if m.needs_calibration and tokenizer is None and isinstance(model, nn.Module):
@@ -115,7 +127,7 @@ def quantize(model, method: str, scheme: str = "headline", *, tokenizer=None, ca
     lm = _loaded(model, tokenizer, dtype, device, seed)
     seed_everything(seed)
     calib = Calibration(lm.tokenizer, **merged, lm=lm) if merged else None
-    cfg = RunConfig(cls.name, lm.info["name"], sch.name, "fake_quant", seed, dtype, device, calibration, {},
+    cfg = RunConfig(cls.name, lm.info["name"], sch.name, "fake_quant", seed, dtype, device, calibration, quantizers,
                     options)
     base, run_id = run_identity(cfg, m, sch, lm, calib)
     plan, source = planstore.quantize(m, lm, sch, calib, planstore.calibration_key(run_id, device))
@@ -123,6 +135,59 @@ def quantize(model, method: str, scheme: str = "headline", *, tokenizer=None, ca
             "model": base["model"], "calibration": base["calibration"], "method_options": m.opts,
             "method_info": plan.info}
     return QuantizedModel(plan, lm.tokenizer, info)
+
+
+def _record(source, results_dir) -> dict:
+    """A result record from a file, or from a config hash (prefix) in ``results_dir``."""
+    import json
+
+    p = Path(source)
+    if p.suffix == ".json":
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read the record {source} ({getattr(e, 'strerror', None) or e})") from None
+    else:
+        found = [r for r in ResultStore(results_dir, sweep=False).records() if r["config_hash"].startswith(source)
+                 or r.get("run_id", "").startswith(source)] if Path(results_dir).is_dir() else []
+        runs = {r.get("run_id") for r in found}
+        if len(runs) != 1:
+            raise ConfigError(f"{'no' if not runs else 'more than one'} run in {results_dir} matches {source!r}: "
+                              f"pass a record file or a longer hash")
+        rec = found[0]
+    missing = [k for k in ("method", "model", "scheme", "run_id", "scheme_spec") if k not in rec]
+    if missing:
+        raise ConfigError(f"{source} is not a result record (it lacks {', '.join(missing)})")
+    return rec
+
+
+def from_record(source, *, results_dir="reports/results", device: str = "cpu") -> QuantizedModel:
+    """The quantized model a result record measured (a record file, or a config hash in ``results_dir``): its
+    method, scheme, grids, calibration, seed and options, the plan from the cache when the run left it there. The
+    result must reproduce the record's run id, or this is an error (the code or the model changed since)."""
+    rec = source if isinstance(source, dict) else _record(source, results_dir)
+    load_plugins()
+    cls = resolve(rec["method"])
+    m = cls(**{k: v for k, v in (rec.get("method_options") or {}).items() if k in cls.options})
+    default = parse_scheme(rec["scheme"], m.specs()).to_dict() if cls.quantizes else {}
+    quantizers = {}
+    for t, spec in (rec["scheme_spec"] or {}).items():
+        if t == "name" or not spec or not default.get(t):
+            continue
+        diff = {k: spec[k] for k in ("grid", "clip_ratio") if spec[k] != default[t][k]}
+        if diff:
+            quantizers[t] = diff
+    calib = rec.get("calibration")
+    calibration = {k: calib[k] for k in CALIBRATION_KEYS if k in calib} if calib else None
+    qm = quantize(rec["model"], rec["method"], rec["scheme"], calibration=calibration, device=device,
+                  dtype=rec.get("dtype", "auto"), seed=rec.get("seed", 0), quantizers=quantizers,
+                  **(rec.get("method_options") or {}))
+    if qm.info["config_hash"] != rec["run_id"]:
+        raise ConfigError(f"the record's configuration no longer reproduces its run (run id {rec['run_id']}, now "
+                          f"{qm.info['config_hash']}): the model or the code changed since; run it again and "
+                          f"export the new record")
+    qm.info["record"] = {k: rec.get(k) for k in ("config_hash", "task", "metric", "value", "protocol", "created")}
+    return qm
 
 
 def evaluate(model, tasks, *, tokenizer=None, seqlen: int = 2048, ppl_windows: int | None = None,

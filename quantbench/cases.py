@@ -52,7 +52,7 @@ def schemes(opt, method: type[Method]) -> list[str]:
     """The scheme strings of ``opt`` for ``method``: ``--scheme`` (``headline`` = the method's own,
     ``Method.headline``) or the grid of ``--wbits/--abits/--kvbits/--group``."""
     if opt.scheme:
-        return [method.headline if s == "headline" else s for s in csv(opt.scheme)]
+        return [method.headline_for(opt.model) if s == "headline" else s for s in csv(opt.scheme)]
     g = f"g{opt.group}" if opt.group else ""
     return [f"w{w}a{a}" + (f"kv{kv}" if kv != "16" else "") + g
             for w in csv(opt.wbits) for a in csv(opt.abits) for kv in csv(opt.kvbits)]

@@ -5,6 +5,7 @@
     quantbench site RESULTS_DIR [-o FILE]          the overview page (README.md + index.html) and its plots
     quantbench results RESULTS_DIR [--csv FILE]    the records as a table (pandas), or as CSV
     quantbench regress [--update] [-k ID]          the accuracy regression check against committed baselines
+    quantbench export RECORD -o DIR                a record's quantized model as a compressed-tensors checkpoint
     quantbench models                              the model zoo, built-ins and what each resolves to
     quantbench cache [list|clean] [KIND]           the content-keyed cache ($QUANTBENCH_CACHE): list or delete
 
@@ -15,7 +16,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from quantbench.options import ArgumentParser, add_options, did_you_mean
+from quantbench.errors import QuantbenchError
+from quantbench.options import EXIT_USAGE, ArgumentParser, add_options, did_you_mean
 
 COMMANDS = {
     "run": "quantize and evaluate (method x scheme grid on one model; the options of `pytest bench/`)",
@@ -23,6 +25,7 @@ COMMANDS = {
     "site": "overview page of a results directory: README.md, index.html (sortable, provenance) and plots",
     "results": "the records of a results directory as a table, or CSV",
     "regress": "accuracy regression check against the committed baselines",
+    "export": "write a record's quantized model as a compressed-tensors checkpoint (transformers, vLLM)",
     "models": "the model zoo and built-ins",
     "cache": "list or delete the content-keyed cache ($QUANTBENCH_CACHE)",
 }
@@ -54,6 +57,19 @@ def parser() -> ArgumentParser:
     reg.add_argument("--update", action="store_true", help="write the values of this run as the new baselines")
     reg.add_argument("-k", default="", help="only checks whose id contains this")
     reg.add_argument("--results-dir", default=None, help="keep the run's records here (default: a temp dir)")
+    exp = sub.add_parser("export", help=COMMANDS["export"], description=COMMANDS["export"] + ". The plan is taken from "
+                         "the cache when the record's run left it there, else calibrated again with the record's "
+                         "settings; it must reproduce the record's run id. Example: quantbench export "
+                         "reports/results/<hash>-ppl.json -o smollm2-gptq-w4a16")
+    exp.add_argument("record", metavar="RECORD", help="a result record (.json), or a config hash (prefix) in "
+                     "--results-dir")
+    exp.add_argument("-o", "--output", required=True, metavar="DIR", help="the checkpoint folder to write")
+    exp.add_argument("--format", default="compressed-tensors", help="compressed-tensors (the only one)")
+    exp.add_argument("--results-dir", default="reports/results", help="where a config hash is looked up")
+    exp.add_argument("--device", default="cpu", help="where to calibrate if the plan is not cached (default cpu)")
+    exp.add_argument("--allow-activation-grid", action="store_true", help="export activations measured on a grid "
+                     "other than sym_ct (the checkpoint then quantizes them on sym_ct; the provenance says so)")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     sub.add_parser("models", help=COMMANDS["models"], description=COMMANDS["models"])
     cache = sub.add_parser("cache", help=COMMANDS["cache"], description=COMMANDS["cache"])
     cache.add_argument("verb", nargs="?", default="list", choices=["list", "clean"])
@@ -104,6 +120,32 @@ def _regress(args) -> int:
 
     return regress([*(["--update"] if args.update else []), *(["-k", args.k] if args.k else []),
                     *(["--results-dir", args.results_dir] if args.results_dir else [])])
+
+
+def _export(args) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s", datefmt="%H:%M:%S")
+    from quantbench import export
+    from quantbench.api import _record, from_record
+
+    try:
+        if args.format not in export.FORMATS:
+            raise QuantbenchError(f"unknown export format {args.format!r}; formats: {', '.join(export.FORMATS)}")
+        export._ct()
+        rec = _record(args.record, args.results_dir)
+        why = export.scheme_refusals(rec["scheme_spec"], args.allow_activation_grid)  # before any work
+        if why:
+            raise QuantbenchError(f"cannot export {rec['method']} {rec['scheme']} as {args.format}: " + "; ".join(why))
+        qm = from_record(rec, device=args.device)
+        out = qm.save_pretrained(args.output, format=args.format, allow_activation_grid=args.allow_activation_grid,
+                                 overwrite=args.overwrite)
+    except QuantbenchError as e:
+        print(f"quantbench export: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {out} ({qm.info['method']} {qm.info['scheme']}, run {qm.info['config_hash']}): load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) or `quantbench run --method load "
+          f"--model {out}`")
+    return 0
 
 
 def _models(args) -> int:

@@ -92,6 +92,12 @@ class Method:
                 raise ConfigError(f"option {k}={v!r} of {self.name!r} must be {span}"
                                   + (f" (or {d}, its default: the reference value)" if outside else ""))
 
+    @classmethod
+    def headline_for(cls, model) -> str:
+        """The headline scheme on ``model`` (a name or folder): :attr:`headline`, unless the model decides it
+        (``load``: the checkpoint's own scheme)."""
+        return cls.headline
+
     def identity_options(self) -> dict:
         """The options that enter the config hash: all of them but a ``neutral`` one at its neutral value."""
         return {k: v for k, v in self.opts.items() if not (k in self.neutral and v == self.neutral[k])}

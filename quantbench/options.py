@@ -23,7 +23,7 @@ OPTIONS: tuple[tuple[str, dict], ...] = (
     ("--group", dict(type=int, default=0, help="weight group size (0 = per channel)")),
     ("--scheme", dict(default=None, help="comma list of scheme strings (w4a4kv4, w4a16g128, ...) or 'headline' "
                                          "(each method's headline scheme); overrides the bit options")),
-    ("--wgrid", dict(default=None, help="weight grid: sym, sym_pm, asym, minmax, minmax_sym (default: the method's)")),
+    ("--wgrid", dict(default=None, help="weight grid: sym, sym_pm, asym, minmax, minmax_sym, sym_ct (default: the method's)")),
     ("--agrid", dict(default=None, help="activation grid (default: the method's)")),
     ("--kvgrid", dict(default=None, help="K/V grid (default: the method's)")),
     ("--aclip", dict(type=float, default=None, help="activation clip ratio in (0, 1] (default: the method's)")),

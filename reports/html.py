@@ -127,7 +127,7 @@ def _records(records: list[dict], palette) -> str:
             if c == "value":
                 row.append(_num(r))
             elif c == "method":
-                row.append((f'<span class="swatch" style="background:{palette.get(r["method"], "#999")}"></span>'
+                row.append((f'<span class="swatch" style="background:{palette.get(leaderboard.row_name(r), "#999")}"></span>'
                             + html.escape(cells[c]), ""))
             else:
                 tie = ' class="num tie" title="the 95 % interval of the difference contains 0: within noise"'

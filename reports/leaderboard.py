@@ -128,8 +128,18 @@ def seed_spread_rows(group: list[dict]) -> list[list[str]]:
     return rows
 
 
+def row_name(r: dict) -> str:
+    """The row a record belongs to: its method, or for an imported checkpoint (``load``) its ``label`` (e.g.
+    ``llm-compressor:gptq``) when it has one."""
+    label = (r.get("method_options") or {}).get("label") if r["method"] == "load" else None
+    return label or r["method"]
+
+
 def _method(r: dict) -> str:
-    """Method name plus the options that differ from the method's registered defaults."""
+    """Method name plus the options that differ from the method's registered defaults (an imported checkpoint:
+    its row name)."""
+    if row_name(r) != r["method"]:
+        return row_name(r)
     opts = r.get("method_options") or {}
     try:  # pipelines ("gptq+normtweak") are built by name; a method no longer registered shows every option
         defaults = resolve(r["method"]).options

@@ -42,13 +42,14 @@ def _bits(r: dict) -> tuple[int, int]:
 
 
 def _methods() -> list[str]:
-    return sorted(n for n in METHODS if getattr(METHODS.get(n), "role", "") != "plugin")  # plug-ins: as "base+plugin"
+    # plug-ins appear as "base+plugin"; imported checkpoints (load) by their label
+    return sorted(n for n in METHODS if getattr(METHODS.get(n), "role", "") not in ("plugin", "import"))
 
 
 def colors(records: list[dict]) -> dict[str, str]:
     """One colour per method, the same in every figure of a page: registered methods first (sorted), then the
     pipelines and others the records name."""
-    names = list(dict.fromkeys([*_methods(), *sorted({r["method"] for r in records})]))
+    names = list(dict.fromkeys([*_methods(), *sorted({leaderboard.row_name(r) for r in records})]))
     return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(names)}
 
 
@@ -65,7 +66,7 @@ def matrix(records: list[dict], model: str = MAIN_MODEL, protocol: str = MAIN_PR
             and r["metric"] == "ppl"]
     cells: dict[tuple, list] = defaultdict(list)
     for r in sorted(recs, key=lambda r: r.get("created", "")):
-        cells[(r["method"], r["scheme"])].append(r)
+        cells[(leaderboard.row_name(r), r["scheme"])].append(r)
     others = sorted({s for _, s in cells if s not in HEADLINE and s != "w16a16"},
                     key=lambda s: (-_bits(cells[next(k for k in cells if k[1] == s)][0])[0], s))
     schemes = [*HEADLINE, *others]
@@ -90,7 +91,8 @@ def _empty(method: str, scheme: str) -> str:
 
 
 def _label(r: dict, several: bool) -> str:
-    return f"{r['method']} ({r['config_hash'][:6]})" if several else r["method"]
+    name = leaderboard.row_name(r)
+    return f"{name} ({r['config_hash'][:6]})" if several else name
 
 
 def _plain_ticks(axis) -> None:

@@ -21,6 +21,8 @@ LAZY = {
     ("quantbench.cli", "quantbench.cache"): "torch loads only for this verb",
     ("quantbench.cli", "quantbench.cases"): "torch and the stack load only for this verb",
     ("quantbench.cli", "quantbench.reports.table"): "pandas loads only for this verb",
+    ("quantbench.cli", "quantbench.api"): "torch and the stack load only for this verb (export)",
+    ("quantbench.cli", "quantbench.export"): "torch loads only for this verb",
     ("quantbench", "quantbench.api"): "import quantbench stays light: the API loads torch on first use",
     ("quantbench.backends.triton_int4", "quantbench.backends.triton_kernels"): "imports triton: only when used",
 }

@@ -21,6 +21,8 @@ POS = torch.tensor([[0.2, 0.55, 1.0, 0.6]])
     ("minmax", POS, [0, 6, 15, 7], 0.8 / 15, -4),
     # DuQuant --symmetric: s = 1/7, z = 7, codes = round(x/s) + 7
     ("minmax_sym", X, [0, 4, 8, 13], 1 / 7, 7),
+    # compressed-tensors symmetric: s = 7.5 / 7.5 = 1 (exact), so x/s has exact .5 ties, rounded half to even
+    ("sym_ct", torch.tensor([[-7.5, -2.5, 1.5, 6.7]]), [-8, -2, 2, 7], 1.0, None),
 ])
 def test_grid_hand_computed(grid, x, codes, scale, zero):
     spec = QuantSpec(4, grid, "channel")

@@ -25,7 +25,7 @@ from quantbench.transforms import DuQuantRotation, Hadamard, HeadHadamard, Rotat
 K = kernels()
 os.environ.setdefault("QUANTBENCH_AUTOTUNE", "0")  # GPU: fixed tiles here (the tile test covers the tuned shapes)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-GRIDS = ["sym", "sym_pm", "asym", "minmax", "minmax_sym"]
+GRIDS = ["sym", "sym_pm", "asym", "minmax", "minmax_sym", "sym_ct"]
 
 
 def outliers(m, k, seed=0):
