@@ -90,14 +90,12 @@ def main(argv=None) -> int:
     runs = [(m, args.nsamples, args.calib_seqlen) for m in args.methods.split(",")]
     if args.matched:
         runs.append(("gptq", 8, 2048))
-    table = recipes(alpha)
     for method, n, seqlen in runs:
-        scheme, recipe = table[method]
+        scheme, recipe = recipes(alpha)[method]  # fresh modifiers: llm-compressor initializes each one once
         windows = Calibration(tok, "austen", n, seqlen, 0).windows
         out = root / f"llm-compressor-{method}-{scheme}-austen{n}x{seqlen}"
         calibrate(method, recipe, windows, str(src), out)
-        label = f"llm-compressor:{method}" + (f" ({n}x{seqlen})" if (n, seqlen) != (args.nsamples,
-                                                                                  args.calib_seqlen) else "")
+        label = f"llm-compressor:{method} (austen {n}×{seqlen} s0)"  # their rows carry no calibration record
         subprocess.run([sys.executable, "-m", "quantbench.cli", "run", "--method", "load", "--model", str(out),
                         "--scheme", "headline", "--method-opt", f"label={label},base=smollm2-135m", *common], check=True)
     if args.matched:  # ours at their grid and order, same windows

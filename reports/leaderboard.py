@@ -175,7 +175,8 @@ def _desc(r: dict) -> str:
         if spec:
             g = f"g{spec['group_size']}" if spec["group_size"] else spec["granularity"]
             clip = f" clip{spec['clip_ratio']}" if spec["clip_ratio"] != 1.0 else ""
-            parts.append(f"{t.upper()}{spec['bits']} {spec['grid']}/{g}{clip}")
+            grid = "stored" if t == "w" and r.get("method") == "load" else spec["grid"]  # a checkpoint's own scales
+            parts.append(f"{t.upper()}{spec['bits']} {grid}/{g}{clip}")
     return " · ".join(parts) or "fp"
 
 
