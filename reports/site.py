@@ -114,7 +114,7 @@ def ties(records: list[dict], model: str, protocol: str) -> list[str]:
         for b in recs[i + 1:]:
             d = leaderboard.delta(b, a)
             if d and d["tie"]:
-                out.append(f"{b['method']} {b['scheme']} − {a['method']} {a['scheme']}: "
+                out.append(f"{leaderboard._method(b)} {b['scheme']} − {leaderboard._method(a)} {a['scheme']}: "
                            f"{leaderboard.delta_text(d).removesuffix(' ' + leaderboard.TIE)}")
     return out
 

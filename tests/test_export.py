@@ -264,3 +264,15 @@ def test_smollm2_gptq_export_reloaded_by_transformers_gives_the_records_ppl(tmp_
     theirs = quantbench.evaluate(model, "ppl-austen", tokenizer=tok, ppl_windows=2)["ppl-austen"]["ppl"]
     assert theirs == pytest.approx(ours, rel=1e-4)
     shutil.rmtree(out)
+
+
+def test_an_imported_checkpoint_is_its_own_row_with_its_weights_as_stored():
+    from quantbench.reports import leaderboard
+
+    spec = {"bits": 4, "grid": "sym", "granularity": "channel", "group_size": 0, "clip_ratio": 1.0}
+    rec = {"method": "load", "method_options": {"label": "llm-compressor:gptq", "base": "smollm2-135m"},
+           "scheme_spec": {"w": spec, "a": None}}
+    assert leaderboard.row_name(rec) == leaderboard._method(rec) == "llm-compressor:gptq"
+    assert leaderboard._desc(rec) == "W4 stored/channel"
+    ours = {**rec, "method": "gptq", "method_options": {}}
+    assert leaderboard.row_name(ours) == "gptq" and leaderboard._desc(ours) == "W4 sym/channel"
