@@ -1,6 +1,7 @@
-"""Peer implementations as leaderboard rows (``tox -e peers``): llm-compressor's RTN, GPTQ and SmoothQuant W8A8 on
-SmolLM2-135M, calibrated on the same token windows as our rows, written as compressed-tensors checkpoints and
-evaluated through ``quantbench run --method load`` (label ``llm-compressor:<method>``) into the same results.
+"""Peer implementations as leaderboard rows (``tox -e peers``): llm-compressor's RTN, GPTQ, AutoRound and
+SmoothQuant W8A8 on SmolLM2-135M, calibrated on the same token windows as our rows, written as compressed-tensors
+checkpoints and evaluated through ``quantbench run --method load`` (label ``llm-compressor:<method>``) into the
+same results.
 
     python bench/peers.py --results-dir reports/results --leaderboard reports/leaderboard.md
 
@@ -31,6 +32,7 @@ W4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "channel"}  #
 
 
 def recipes(alpha: float) -> dict:
+    from llmcompressor.modifiers.autoround import AutoRoundModifier
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
@@ -39,6 +41,10 @@ def recipes(alpha: float) -> dict:
     return {
         "rtn": ("w4a16", QuantizationModifier(config_groups=groups, ignore=["lm_head"])),
         "gptq": ("w4a16", GPTQModifier(config_groups=groups, ignore=["lm_head"], dampening_frac=0.01, block_size=128)),
+        # AutoRound (auto-round 0.15.1 through llm-compressor): its default 200 sign-gradient steps per block; no
+        # torch.compile on the CPU
+        "autoround": ("w4a16", AutoRoundModifier(config_groups=groups, ignore=["lm_head"], iters=200,
+                                                 enable_torch_compile=False)),
         "smoothquant": ("w8a8", [SmoothQuantModifier(smoothing_strength=alpha),
                                  QuantizationModifier(scheme="W8A8", targets=["Linear"], ignore=["lm_head"])]),
     }
@@ -68,7 +74,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results-dir", default="reports/results")
     ap.add_argument("--leaderboard", default=None)
-    ap.add_argument("--methods", default="rtn,gptq,smoothquant")
+    ap.add_argument("--methods", default="rtn,gptq,autoround,smoothquant")
     ap.add_argument("--nsamples", type=int, default=4)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--ppl-windows", type=int, default=4)
@@ -97,7 +103,8 @@ def main(argv=None) -> int:
         calibrate(method, recipe, windows, str(src), out)
         label = f"llm-compressor:{method} (austen {n}×{seqlen} s0)"  # their rows carry no calibration record
         subprocess.run([sys.executable, "-m", "quantbench.cli", "run", "--method", "load", "--model", str(out),
-                        "--scheme", "headline", "--method-opt", f"label={label},base=smollm2-135m", *common], check=True)
+                        "--scheme", "headline", "--method-opt", f"label={label},base=smollm2-135m", *common],
+                       check=True)
     if args.matched:  # ours at their grid and order, same windows
         subprocess.run([sys.executable, "-m", "quantbench.cli", "run", "--method", "gptq", "--model",
                         "smollm2-135m", "--scheme", "w4a16", "--wgrid", "sym_ct", "--method-opt",

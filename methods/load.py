@@ -51,7 +51,8 @@ class Load(Method):
         origin = export.verify(path)  # an export: every file against its sha256
         plan = export.checkpoint_plan(lm, path)
         base = self.opts["base"] or ((origin or {}).get("model") or {}).get("name")
-        plan.info.update(label=self.opts["label"] or None, base_model=base or None, quantization_config=export.read_config(path),
-                         exported_from=origin and {k: origin.get(k) for k in ("config_hash", "method", "scheme",
+        plan.info.update(label=self.opts["label"] or None, base_model=base or None,
+                         quantization_config=export.read_config(path),
+                         exported_from=origin and {k: origin.get(k) for k in ("run_id", "record", "method", "scheme",
                                                                               "calibration", "versions")})
         return plan

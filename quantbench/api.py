@@ -108,7 +108,8 @@ def quantize(model, method: str, scheme: str = "headline", *, tokenizer=None, ca
     quantized in place) with ``method`` (a registered name or an ``a+b+c`` pipeline) at ``scheme`` (``w4a4``,
     ``w4a16g128``, ...; ``headline``: the method's own). ``calibration``: ``corpus``, ``nsamples``, ``seqlen``,
     ``seed`` (unset keys: the method's reference recipe); ``quantizers``: grid/clip overrides per tensor, as
-    ``--wgrid/--agrid/--aclip`` (``{"a": {"grid": "sym_ct"}}``); ``options``: the method's options (``percdamp=0.1``)."""
+    ``--wgrid/--agrid/--aclip`` (``{"a": {"grid": "sym_ct"}}``); ``options``: the method's options
+    (``percdamp=0.1``)."""
     load_plugins()
     calibration = dict(calibration or {})
     unknown = sorted(set(calibration) - set(CALIBRATION_KEYS))

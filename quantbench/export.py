@@ -210,11 +210,10 @@ def quantization_config(plan: QuantizedModel) -> tuple[dict, dict[str, bool]]:
 def provenance(info: dict, plan: QuantizedModel, versions: dict) -> dict:
     """What the exported config carries to trace a served model back to its record (``info``: an
     :class:`quantbench.api.QuantizedModel`'s provenance; ``versions``: :func:`quantbench.results.versions`)."""
-    return {"run_id": info.get("config_hash"), "record": info.get("record"), "method": info.get("method"), "scheme": info.get("scheme"),
-            "method_options": info.get("method_options"), "calibration": info.get("calibration"),
-            "model": info.get("model"), "method_info": info.get("method_info"),
-            "versions": versions,
-            "activation_grid": {"measured": sorted({lp.act.grid for lp in plan.linears.values() if lp.act}),
+    return {"run_id": info.get("config_hash"), "record": info.get("record"), "method": info.get("method"),
+            "scheme": info.get("scheme"), "method_options": info.get("method_options"),
+            "calibration": info.get("calibration"), "model": info.get("model"), "method_info": info.get("method_info"),
+            "versions": versions, "activation_grid": {"measured": sorted({lp.act.grid for lp in plan.linears.values() if lp.act}),
                                 "checkpoint": ACT_GRID}}
 
 
