@@ -284,6 +284,15 @@ def save(plan: QuantizedModel, tokenizer, prov: dict, path, format: str = "compr
 
 # ------------------------------------------------------------------------------------------------ import
 
+def is_checkpoint(path) -> bool:
+    """Whether the folder holds a compressed-tensors checkpoint (its config.json says so)."""
+    try:
+        q = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return q.get("quant_method") == "compressed-tensors"
+
+
 def read_config(path) -> dict:
     """The ``quantization_config`` of a compressed-tensors checkpoint folder, or a clear error."""
     f = Path(path) / "config.json"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from quantbench import corpus, hub
+from quantbench import corpus, export, hub
 from quantbench.adapters import LlamaAdapter, adapter_for, geometry
 from quantbench.cache import atomic_write, atomic_write_text, cache_dir, key_of, sha256_file
 from quantbench.errors import ConfigError, NumericalError, StorageError, UnavailableError
@@ -274,12 +274,10 @@ def _from_dir(path: str, dtype: torch.dtype):
     if os.path.isdir(path):
         _check_safetensors(Path(path))
     extra = {}
-    if _compressed_tensors(path):  # dense, dequantized: only --method load applies its quantization (export.py)
+    if export.is_checkpoint(path):  # dense, dequantized: only --method load applies its quantization
         from transformers import CompressedTensorsConfig
 
-        if importlib.util.find_spec("compressed_tensors") is None:
-            raise UnavailableError(f"{path} is a compressed-tensors checkpoint: `pip install "
-                                   f"compressed-tensors==0.19.0` to load it")
+        export._ct()
         extra["quantization_config"] = CompressedTensorsConfig(dequantize=True)
     try:
         with warnings.catch_warnings():  # "the quantization_config from the model will be used": that is asked for
@@ -288,15 +286,6 @@ def _from_dir(path: str, dtype: torch.dtype):
     except Exception as e:  # noqa: BLE001 - OSError, SafetensorError, a bad config: say which folder and why
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnavailableError(f"cannot load the model in {path}: {first}") from None
-
-
-def _compressed_tensors(path: str) -> bool:
-    """Whether the folder holds a compressed-tensors checkpoint (its config.json says so)."""
-    try:
-        q = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    return q.get("quant_method") == "compressed-tensors"
 
 
 def _check_safetensors(path: Path) -> None:
