@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantbench import duquant as dq
-from quantbench.adapters import LINEARS
 from quantbench.blocktrain import train
 from quantbench.errors import ConfigError
 from quantbench.layerwise import BlockContext, run_blocks
@@ -50,8 +49,6 @@ from quantbench.stats import activation_stats
 from quantbench.transforms import DuQuantRotation, Hadamard, OnlineTransform, Scale
 
 log = logging.getLogger(__name__)
-
-LEADER = {"q": "q", "k": "q", "v": "q", "o": "o", "gate": "gate", "up": "gate", "down": "down"}
 
 
 class DuQuantLinear(nn.Module):
@@ -110,6 +107,30 @@ class DuQuantLinear(nn.Module):
         return F.linear(fake_quant(x, self.a_spec), w, self.inner.bias)
 
 
+def folds(ad, prev: str) -> bool:
+    """Whether a smoothing scale of the linear after ``prev`` (v -> o, up -> down) folds into ``prev``'s rows: v must
+    be its own linear with one row per o_proj column (not under GQA, not fused in qkv); up's output must reach down
+    through a map that commutes with a positive scale (SwiGLU's product with up, ReLU; not GELU)."""
+    if prev == "v":
+        return "v" in ad.LINEARS and ad.num_kv_heads == ad.num_heads
+    return ad.MLP_ACT in ("swiglu", "relu")
+
+
+def smoothing_pairs(ad) -> list[str]:
+    """What the smoothing does on this model, for the record."""
+    why_o = "GQA" if "v" in ad.LINEARS else "v fused in qkv"
+    return (["qkv", "fc1", "down" if folds(ad, "up") else f"down (online, {ad.MLP_ACT})"]
+            + (["out"] if folds(ad, "v") else [f"out (online, {why_o})"]))
+
+
+REFERENCE_SCOPE = {  # Hsu1023/DuQuant ships LLaMA-family layers only (int_llama_layer)
+    "opt": "DuQuant's reference runs LLaMA-family models only; on OPT its steps are applied as written, the "
+           "LayerNorm bias divided with the weight, the down smoothing folded into fc1 (ReLU commutes with it)",
+    "bloom": "DuQuant's reference runs LLaMA-family models only; on BLOOM its steps are applied as written, the "
+             "LayerNorm bias divided with the weight, out and down smoothed online (fused qkv, GELU)",
+}
+
+
 def block_size_for(ad, wanted: int) -> int:
     """Largest power of two ≤ ``wanted`` dividing hidden, intermediate and the o_proj input size."""
     dims = (ad.hidden_size, ad.intermediate_size, ad.num_heads * ad.head_dim)
@@ -155,24 +176,25 @@ class DuQuant(Method):
         self.block = block_size_for(ad, o["block_size"])
         self.gen = torch.Generator().manual_seed(self.seed)
         use_lwc = self.use_lwc = o["swc"] <= 0 and o["epochs"] > 0 and scheme.w is not None
-        gqa = ad.num_kv_heads != ad.num_heads
         t0 = time.perf_counter()
-        o_scale = self._smooth(lm, calib) if o["smooth"] else {}
+        online = self._smooth(lm, calib) if o["smooth"] else {}
         t_smooth = time.perf_counter() - t0
+        scope = {"reference_scope": REFERENCE_SCOPE[ad.FAMILY]} if ad.FAMILY in REFERENCE_SCOPE else {}
         qm = plain_plan(lm, scheme, weights="duquant (LWC)" if use_lwc else f"duquant (fixed clip {o['swc']})",
-                        mode=o["mode"], block_size_used=self.block, smoothing=(
-                            ["qkv", "fc1", "down"] + (["out (online, GQA)"] if gqa else ["out"])) if o["smooth"]
-                        else [], qk_hadamard=ad.head_dim)
-        qk = Hadamard(ad.head_dim)
-        for i in range(len(ad.blocks)):
-            qm.attention[i].qk_pre = qk
+                        mode=o["mode"], block_size_used=self.block,
+                        smoothing=smoothing_pairs(ad) if o["smooth"] else [],
+                        qk_hadamard=ad.head_dim if ad.ROUTES_ATTENTION else None, **scope)
+        if ad.ROUTES_ATTENTION:  # Q and K rotated per head (exact in FP; BLOOM's ALiBi attention is not reachable)
+            qk = Hadamard(ad.head_dim)
+            for i in range(len(ad.blocks)):
+                qm.attention[i].qk_pre = qk
         mean = []  # the averaged calibration sequence, pushed through the quantized blocks (rotate_inps)
 
         def step(ctx: BlockContext) -> dict:
-            return self._block(ctx, qm, o_scale.get(ctx.index), mean, use_lwc, None)
+            return self._block(ctx, qm, online.get(ctx.index, {}), mean, use_lwc, None)
 
         def restore(ctx: BlockContext, state: dict) -> None:
-            self._block(ctx, qm, o_scale.get(ctx.index), mean, use_lwc, state)
+            self._block(ctx, qm, online.get(ctx.index, {}), mean, use_lwc, state)
 
         done = run_blocks(qm, calib.windows, step, restore, key=key, tag=self.name, device=self.device,
                           fp_stream=use_lwc)
@@ -182,26 +204,27 @@ class DuQuant(Method):
         return qm
 
     @torch.no_grad()
-    def _smooth(self, lm, calib) -> dict[int, torch.Tensor]:
-        """Fuse the smoothing scales; return the per-layer online o_proj divisors (GQA)."""
+    def _smooth(self, lm, calib) -> dict[int, dict[str, torch.Tensor]]:
+        """Fuse the smoothing scales (``duquant.py`` L180-199); return per block the scales that could not be folded
+        and divide their linear's input online instead (``{role: s}``: o under GQA or a fused qkv, the
+        ``smooth_fc_inplace`` fallback; down after a GELU, which does not commute with a scale)."""
         ad, alpha = lm.adapter, self.opts["alpha"]
         stats = activation_stats(lm, calib.windows)
-        online = {}
+        online: dict[int, dict[str, torch.Tensor]] = {}
         for i, block in enumerate(ad.blocks):
             lin = ad.linears(block)
-            ln1, ln2 = ad.norms(block)
             act = lambda r: stats[ad.linear_name(i, r)]["absmax"].to(lin[r].weight.device)  # noqa: E731
-            fuse_into_norm(ln1, [lin["q"], lin["k"], lin["v"]], duquant_scales(act("q"), lin["q"].weight, alpha))
-            fuse_into_norm(ln2, [lin["gate"], lin["up"]], duquant_scales(act("up"), lin["up"].weight, alpha))
-            fuse_into_linear(lin["up"], lin["down"], duquant_scales(act("down"), lin["down"].weight, alpha))
-            s = duquant_scales(act("o"), lin["o"].weight, alpha)
-            if ad.num_kv_heads == ad.num_heads:
-                fuse_into_linear(lin["v"], lin["o"], s)
-            else:  # smooth_fc_inplace fallback: o_proj input divided online, weight multiplied
-                online[i] = s
+            for (norm, fcs), lead in zip(ad.norm_inputs(block), (ad.ATTN_IN[0], "up")):
+                fuse_into_norm(norm, fcs, duquant_scales(act(lead), lin[lead].weight, alpha))
+            for prev, role in (("up", ad.MLP_OUT), ("v", ad.ATTN_OUT)):
+                s = duquant_scales(act(role), lin[role].weight, alpha)
+                if folds(ad, prev):
+                    fuse_into_linear(lin[prev], lin[role], s)
+                else:  # smooth_fc_inplace: the input divided online, the weight multiplied
+                    online.setdefault(i, {})[role] = s
         return online
 
-    def _block(self, ctx: BlockContext, qm, o_scale, mean: list, use_lwc: bool, saved: dict | None) -> dict | None:
+    def _block(self, ctx: BlockContext, qm, online: dict, mean: list, use_lwc: bool, saved: dict | None) -> dict | None:
         """Calibrate block ``ctx.index`` (or, with ``saved`` from its checkpoint, redo it with the transforms and
         clips found before: same plan and same outputs, no search, no training); ``mean`` holds the averaged
         sequence (``inps.mean(dim=0)``, made from the block-0 inputs), replaced by its value after this block.
@@ -213,14 +236,14 @@ class DuQuant(Method):
                 ctx.inputs = list(mean)  # only the averaged sequence is propagated
         lin = ad.linears(block)
         views: dict[str, DuQuantLinear] = {}
-        for r in ("q", "k", "v", "o", "gate", "up", "down"):
-            pre = [Scale(o_scale)] if (r == "o" and o_scale is not None) else []
-            lead = views.get(LEADER[r]) if LEADER[r] != r else None
+        for r in ad.LINEARS:
+            pre = [Scale(online[r])] if r in online else []
+            lead = views.get(ad.leader(r)) if ad.leader(r) != r else None
             fixed = [OnlineTransform.from_state(t) for t in saved["transforms"][r]] if saved and lead is None else None
             views[r] = DuQuantLinear(lin[r], self, scheme.w, scheme.a, pre, lead, fixed)  # Scale.fold: W * s
-        with swapped(block, {LINEARS[r]: v for r, v in views.items()}), ctx.quantized_attention():
+        with swapped(block, {ad.LINEARS[r]: v for r, v in views.items()}), ctx.quantized_attention():
             with torch.no_grad():  # calibrate G on the averaged sequence, quantization on; its output goes on
-                mean[0] = block(mean[0], **ctx.kwargs)
+                mean[0] = ctx.apply(mean[0])
             if use_lwc:
                 if saved:
                     for r, v in views.items():
@@ -243,7 +266,7 @@ class DuQuant(Method):
             plan.weight = quantize(w, scheme.w, *lo_hi) if scheme.w is not None else None
             if scheme.w is None:  # FP weights: the model's linear must hold the folded weight itself
                 lin[r].weight.data = w.to(lin[r].weight.dtype)
-        leaders = [r for r in views if LEADER[r] == r]
+        leaders = [r for r in views if ad.leader(r) == r]
         searches = saved["searches"] if saved else {r: [s.kept for s in views[r].search.searches] for r in leaders}
         qm.info.setdefault("searches", {})[i] = searches
         if saved:
@@ -256,10 +279,10 @@ class DuQuant(Method):
     def _train_lwc(self, ctx: BlockContext, views) -> float | None:
         """LWC on the rotated weights (``duquant.py`` L307-356): AdamW on the clip bounds only."""
         params = [p for v in views.values() for p in v.clip.parameters()]
-        kw, targets, block = ctx.kwargs, ctx.fp_targets, ctx.block
+        targets = ctx.fp_targets
 
         def loss_at(j):
-            return F.mse_loss(block(ctx.inputs[j], **kw), targets[j])
+            return F.mse_loss(ctx.apply(ctx.inputs[j]), targets[j])
 
         with torch.enable_grad():
             info = train([{"params": params, "lr": self.opts["lwc_lr"]}], loss_at, len(ctx.inputs),

@@ -5,7 +5,9 @@ Block by block (layer-wise runner, FP and quantized streams): the block's linear
 learnable equivalent transformation (LET) scales — ``qkv`` (input_layernorm ↔ q/k/v), ``fc1``
 (post_attention_layernorm ↔ gate/up), ``out`` (v_proj rows ↔ o_proj columns) and ``qkt`` (q_proj rows ↔ k_proj
 rows, initialised to 1) — initialised with SmoothQuant's formula and OmniQuant's signed weight max. down_proj gets
-LWC only; shifts are off for Llama-family models (as in the reference). AdamW on
+LWC only. On LayerNorm models (OPT; the reference's ``use_shift``) each LET pair also learns a shift ``δ`` initialised
+at the channel's ``(max + min) / 2``: ``(X - δ)/s``, folded into the norm's (or v_proj's) bias with ``b += W δ`` on
+the reading linears; shifts are off for Llama-family models (as in the reference). AdamW on
 ``MSE(FP block(FP input), quantized block(quantized input))`` for ``epochs`` x ``nsamples`` steps of batch 1 in
 fp32; then LET is fused into the norms and weights and the weights are rounded with the learned clipping.
 
@@ -26,7 +28,6 @@ import logging
 import torch
 from torch import nn
 
-from quantbench.adapters import LINEARS
 from quantbench.blocktrain import QLinearView, train, truncate
 from quantbench.errors import ConfigError
 from quantbench.layerwise import BlockContext, run_blocks
@@ -63,22 +64,23 @@ class OmniQuant(Method):
     def quantize(self, lm, scheme, calib, key=None):
         ad, o = lm.adapter, self.opts
         use_let = o["let"] == "on" or (o["let"] == "auto" and scheme.a is not None)
-        gqa = ad.num_kv_heads != ad.num_heads
-        if use_let and gqa:
-            log.info("omniquant: GQA (%d KV heads for %d heads): the v_proj -> o_proj LET is skipped (the reference "
-                     "cannot fold it and fails)", ad.num_kv_heads, ad.num_heads)
+        lets, skipped = self.lets(ad)
+        if use_let and skipped:
+            log.info("omniquant: LET pairs skipped on this model: %s", ", ".join(skipped))
         stats = activation_stats(lm, calib.windows) if use_let else None
+        shift = ad.NORM == "layer"  # the reference's use_shift: on for OPT/Falcon (LayerNorm), off for Llama
         qm = plain_plan(lm, scheme, weights="omniquant (LWC)" if o["lwc"] else "round-to-nearest",
-                        let=sorted(["qkv", "fc1", "qkt"] + ([] if gqa else ["out"])) if use_let else [],
-                        let_skipped=["out (GQA)"] if use_let and gqa else [], no_let=["down_proj"])
+                        let=sorted(lets) if use_let else [], let_skipped=skipped if use_let else [],
+                        no_let=[ad.LINEARS[ad.MLP_OUT].rsplit(".", 1)[-1]], **({"let_shift": True} if shift and use_let else {}),
+                        **({"reference_scope": REFERENCE_SCOPE[ad.FAMILY]} if ad.FAMILY in REFERENCE_SCOPE else {}))
         losses = {}
 
         def step(ctx: BlockContext) -> dict:
-            losses[ctx.index], state = self._block(ctx, qm, stats, use_let, gqa, None)
+            losses[ctx.index], state = self._block(ctx, qm, stats, lets if use_let else (), shift, None)
             return state
 
         def restore(ctx: BlockContext, state: dict) -> None:
-            losses[ctx.index], _ = self._block(ctx, qm, stats, use_let, gqa, state)
+            losses[ctx.index], _ = self._block(ctx, qm, stats, lets if use_let else (), shift, state)
 
         done = run_blocks(qm, calib.windows, step, restore, key=key, tag="omniquant", device=self.device,
                           fp_stream=True)
@@ -88,29 +90,58 @@ class OmniQuant(Method):
                        resumed_blocks=done.resumed)
         return qm
 
-    def _block(self, ctx: BlockContext, qm, stats, use_let, gqa, saved: dict | None) -> tuple[dict, dict | None]:
+    @staticmethod
+    def lets(ad) -> tuple[list[str], list[str]]:
+        """The LET pairs this model admits (``qkv``, ``fc1``, ``out``, ``qkt``) and why any is skipped: ``out`` needs
+        a v_proj with as many rows as o_proj has columns (not under GQA, not in a fused query_key_value), ``qkt``
+        separate q_proj and k_proj."""
+        lets, skipped = ["qkv", "fc1"], []
+        gqa = ad.num_kv_heads != ad.num_heads
+        if "v" not in ad.LINEARS or gqa:  # GQA: the reference cannot fold it and fails
+            skipped.append("out (GQA)" if gqa else "out (v fused in qkv)")
+        else:
+            lets.append("out")
+        if "q" in ad.LINEARS:
+            lets.append("qkt")
+        else:
+            skipped.append("qkt (q, k fused in qkv)")
+        return lets, skipped
+
+    def _block(self, ctx: BlockContext, qm, stats, lets, use_shift, saved: dict | None) -> tuple[dict, dict | None]:
         """Train block ``ctx.index``'s LET/LWC parameters (or load them from ``saved``, its checkpoint), fold and
         quantize; returns (training info, checkpoint state or None when restored)."""
         ad, o, scheme, i, block = qm.adapter, self.opts, qm.scheme, ctx.index, ctx.block
         lin = ad.linears(block)
-        dtype = lin["q"].weight.dtype
+        attn_in, mlp_in = ad.ATTN_IN, ad.MLP_IN
+        dtype = lin[attn_in[0]].weight.dtype
         block.to(compute_dtype(dtype))  # the reference trains in fp32 (a float64 model stays float64)
         p = nn.ParameterDict()
-        if use_let:
-            st = lambda role: stats[ad.linear_name(i, role)]["absmax"].to(lin[role].weight.device)  # noqa: E731
-            p["qkv"] = nn.Parameter(omniquant_scales(st("q"), lin["q"].weight, o["alpha"]))
-            p["fc1"] = nn.Parameter(omniquant_scales(st("up"), lin["up"].weight, o["alpha"]))
-            if not gqa:
-                p["out"] = nn.Parameter(omniquant_scales(st("o"), lin["o"].weight, o["alpha"]))
+        leads = {"qkv": attn_in[0], "fc1": "up", "out": ad.ATTN_OUT}  # the reference's pairs: q_proj, up_proj, o_proj
+        for k in ("qkv", "fc1", "out"):
+            if k in lets:
+                r = leads[k]
+                st = stats[ad.linear_name(i, r)]
+                dev = lin[r].weight.device
+                p[k] = nn.Parameter(omniquant_scales(st["absmax"].to(dev), lin[r].weight, o["alpha"]))
+                if use_shift:  # act_shifts: the channel's (max + min) / 2
+                    p[k + "_shift"] = nn.Parameter(((st["max"] + st["min"]) / 2).to(dev, p[k].dtype))
+        if "qkt" in lets:
             p["qkt"] = nn.Parameter(torch.ones(lin["k"].out_features, device=lin["k"].weight.device))
         clips = nn.ModuleDict({r: c for r, m in lin.items() if o["lwc"] and (c := _clip_for(m, scheme.w))})
         get = lambda k: (lambda: p[k]) if k in p else None  # noqa: E731
         inv = lambda k: (lambda: 1 / p[k]) if k in p else None  # noqa: E731
         qkt_q = (lambda: 1 / expand_kv(p["qkt"], ad.gqa_groups, ad.head_dim)) if "qkt" in p else None
-        spec = dict(q=(get("qkv"), get("qkv"), qkt_q), k=(get("qkv"), get("qkv"), get("qkt")),
-                    v=(get("qkv"), get("qkv"), inv("out")), o=(None, get("out"), None),
-                    gate=(get("fc1"), get("fc1"), None), up=(get("fc1"), get("fc1"), None), down=(None, None, None))
-        views = {r: QLinearView(lin[r], scheme.w, scheme.a, clips[r] if r in clips else None, *spec[r]) for r in lin}
+        spec = {r: dict(in_div=get("qkv"), col=get("qkv"), in_shift=get("qkv_shift"), shift=get("qkv_shift"))
+                for r in attn_in}
+        spec.update({r: dict(in_div=get("fc1"), col=get("fc1"), in_shift=get("fc1_shift"), shift=get("fc1_shift"))
+                     for r in mlp_in})
+        if "qkt" in p:
+            spec["q"]["row"], spec["k"]["row"] = qkt_q, get("qkt")
+        if "out" in p:
+            spec["v"].update(row=inv("out"), row_shift=get("out_shift"))
+            spec[ad.ATTN_OUT] = dict(col=get("out"), shift=get("out_shift"))
+        views = {r: QLinearView(lin[r], scheme.w, scheme.a, clips[r] if r in clips else None, **spec.get(r, {}))
+                 for r in lin}
         for v in views.values():  # only LET/LWC parameters train
             v.inner.requires_grad_(False)
         aug = ctx.forward() if o["aug_loss"] else None  # --aug_loss: FP block on the quantized stream
@@ -121,15 +152,15 @@ class OmniQuant(Method):
                     if k in p:
                         p[k].copy_(truncate(p[k]))
 
-        kw, targets, state = ctx.kwargs, ctx.fp_targets, None
-        with swapped(block, {LINEARS[r]: v for r, v in views.items()}), ctx.quantized_attention():
+        targets, state = ctx.fp_targets, None
+        with swapped(block, {ad.LINEARS[r]: v for r, v in views.items()}), ctx.quantized_attention():
             if saved is not None:
                 p.load_state_dict({k[4:]: v for k, v in saved.items() if k.startswith("let.")})
                 clips.load_state_dict({k[4:]: v for k, v in saved.items() if k.startswith("lwc.")})
                 info = {"resumed": True, "loss": []}
             else:
                 def loss_at(j):
-                    out = block(widen(ctx.inputs[j]), **kw)
+                    out = ctx.apply(widen(ctx.inputs[j]))
                     loss = nn.functional.mse_loss(out, widen(targets[j]))
                     if aug is not None:
                         loss = loss + nn.functional.mse_loss(out, widen(aug[j]))
@@ -160,13 +191,21 @@ class OmniQuant(Method):
     @staticmethod
     @torch.no_grad()
     def _fuse(ad, block, p):
-        """Fold the learned LET scales into norms and weights (``smooth_and_quant_inplace``), in float64."""
+        """Fold the learned LET scales (and shifts) into norms and weights (``smooth_and_quant_inplace``), in
+        float64, in the reference's order: qkv, fc1, out, qkt."""
         if not p:
             return
         lin = ad.linears(block)
-        ln1, ln2 = ad.norms(block)
-        fuse_into_norm(ln1, [lin["q"], lin["k"], lin["v"]], p["qkv"].detach())
-        fuse_into_norm(ln2, [lin["gate"], lin["up"]], p["fc1"].detach())
+        shift = lambda k: p[k + "_shift"].detach() if k + "_shift" in p else None  # noqa: E731
+        for (norm, fcs), k in zip(ad.norm_inputs(block), ("qkv", "fc1")):
+            if k in p:
+                fuse_into_norm(norm, fcs, p[k].detach(), shift(k))
         if "out" in p:
-            fuse_into_linear(lin["v"], lin["o"], p["out"].detach())
-        fuse_qk(lin["q"], lin["k"], p["qkt"].detach(), ad.gqa_groups, ad.head_dim)
+            fuse_into_linear(lin["v"], lin[ad.ATTN_OUT], p["out"].detach(), shift("out"))
+        if "qkt" in p:
+            fuse_qk(lin["q"], lin["k"], p["qkt"].detach(), ad.gqa_groups, ad.head_dim)
+
+
+REFERENCE_SCOPE = {  # families the reference (OpenGVLab/OmniQuant: int_llama_layer, int_opt_layer, int_falcon_layer)
+    "bloom": "OmniQuant's reference has no BLOOM path; run with its OPT settings (LayerNorm shifts), qkv/fc1 LET only",
+}

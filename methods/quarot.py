@@ -1,6 +1,7 @@
 """``quarot`` (RTN weights) and ``quarot-gptq``: QuaRot (Ashkboos et al., 2024; ``spcl/QuaRot:fake_quant/main.py``).
 
-Flow as the reference: fuse RMSNorms, rotate (randomized Hadamard residual ``Q`` + per-head Hadamard in v_proj +
+Flow as the reference: fuse the norms (on OPT: LayerNorm biases folded, the residual stream centred, the norms
+turned into RMSNorms, as QuaRot's OPT path), rotate (randomized Hadamard residual ``Q`` + per-head Hadamard in v_proj +
 online Hadamards on the o_proj and down_proj inputs, :mod:`quantbench.rotation`), quantize weights (RTN, or GPTQ
 calibrated on the rotated, *unquantized* model with the online Hadamards active), then quantize every decoder
 linear's input per token and K (after RoPE and a per-head Hadamard on Q and K) and V per the scheme. Q is never
@@ -18,7 +19,7 @@ from quantbench.errors import ConfigError
 from quantbench.method import Method
 from quantbench.plan import AttentionPlan, LinearPlan, QuantizedModel
 from quantbench.registry import METHODS
-from quantbench.rotation import ROTATE_MODES, fuse_norms, rotate
+from quantbench.rotation import ROTATE_MODES, fuse_norms, layernorms_to_rms, rotate
 from quantbench.transforms import Hadamard
 from quantbench.methods import gptq as _gptq  # noqa: F401 - registers "gptq" for the composition below
 from quantbench.pipeline import compose
@@ -46,7 +47,14 @@ class QuaRot(Method):
 
     def check_model(self, geometry, scheme):
         """The Hadamards QuaRot needs (``rotation.rotate``): residual (in hadamard mode), down_proj input,
-        per head; the o_proj one falls back to a full transform when the head count has none."""
+        per head; the o_proj one falls back to a full transform when the head count has none. BLOOM is refused."""
+        if geometry.FAMILY == "bloom":
+            raise ConfigError(
+                "quarot cannot rotate BLOOM: its word_embeddings_layernorm sits between the embedding table and the "
+                "residual stream, so neither the rotation nor the mean-centring folds into the table (it would need "
+                "an FP d x d linear after that norm), the per-head v Hadamard would have to act inside the fused "
+                "query_key_value rows, and K's Hadamard needs Q/K reachable under ALiBi; QuaRot's reference runs "
+                "Llama and OPT only. Supported: llama, mistral, qwen2, opt")
         sizes = {"head_dim": geometry.head_dim, "intermediate_size": geometry.intermediate_size}
         if self.opts["rotate_mode"] == "hadamard":
             sizes["hidden_size"] = geometry.hidden_size
@@ -59,6 +67,7 @@ class QuaRot(Method):
     def prepare(self, lm, scheme, calib):
         ad = lm.adapter
         info = {"weights": self.weights_label, **fuse_norms(ad, self.opts["embed_mean"])}
+        self.restructure(lm)
         online, rot_info = rotate(ad, self.opts["rotate_mode"], self.seed)
         info.update(rot_info, kept_fp=["embed_tokens", "lm_head", "q (QuaRot keeps Q in FP16)"])
         qm = QuantizedModel(lm.model, ad, scheme, info=info)
@@ -68,6 +77,10 @@ class QuaRot(Method):
         for i in range(len(ad.blocks)):
             qm.attention[i] = AttentionPlan(q=scheme.q, k=scheme.k, v=scheme.v, qk_pre=qk)
         return qm
+
+    def restructure(self, lm):
+        """LayerNorm models: the norms become RMSNorms and lm_head gets a bias (:func:`rotation.layernorms_to_rms`)."""
+        return layernorms_to_rms(lm.adapter)
 
     def quantize_weights(self, qm, spec, calib, key=None):
         round_to_nearest(qm, spec, clip_search=self.opts["w_clip"])

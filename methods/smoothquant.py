@@ -3,7 +3,10 @@
 Per-channel ``max|X|`` of every linear input over SmoothQuant's calibration recipe (512 windows x 512 tokens,
 seed 42; the reference reads Pile-val documents, offline we read the selected corpus: recorded), then
 ``s = max|X|^α / max_{q,k,v} max|W|^(1-α)`` fused into input_layernorm → q/k/v and the same with gate/up into
-post_attention_layernorm (``smooth.py::smooth_lm``); o_proj and down_proj are not smoothed. α comes from the
+post_attention_layernorm (``smooth.py::smooth_lm``); o_proj and down_proj are not smoothed. OPT and BLOOM as the
+reference's own branches: self_attn_layer_norm → q/k/v and final_layer_norm → fc1 (OPT), input_layernorm →
+query_key_value and post_attention_layernorm → dense_h_to_4h (BLOOM); a LayerNorm's weight *and* bias are divided
+(``smooth_ln_fcs``). α comes from the
 reference's per-model table (README / ``examples/ppl_eval.sh``), else the code default 0.5.
 
 Quantizers are SmoothQuant's ``fake_quant.py`` with the bit width parametrised: per-channel symmetric absmax
@@ -23,6 +26,10 @@ ALPHA = {  # SmoothQuant README / examples/ppl_eval.sh (W8A8)
     "meta-llama/Llama-2-7b-hf": 0.85, "meta-llama/Llama-2-13b-hf": 0.85, "meta-llama/Llama-2-70b-hf": 0.9,
     "meta-llama/Meta-Llama-3-8B": 0.85, "meta-llama/Meta-Llama-3-70B": 0.85, "mistralai/Mistral-7B-v0.1": 0.8,
     "mistralai/Mixtral-8x7B-v0.1": 0.8, "tiiuae/falcon-7b": 0.6, "tiiuae/falcon-40b": 0.7,
+    # OPT (examples/smoothquant_opt_demo.ipynb, smooth_lm(model, act_scales, 0.5)) and BLOOM: the paper's α = 0.5
+    # (§5: "α = 0.5 for OPT and BLOOM"; GLM-130B 0.75)
+    **{f"facebook/opt-{s}": 0.5 for s in ("125m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")},
+    **{f"bigscience/bloom-{s}": 0.5 for s in ("560m", "1b1", "1b7", "3b", "7b1")}, "bigscience/bloom": 0.5,
 }
 CODE_ALPHA = 0.5  # ppl_eval.py --alpha default
 
@@ -52,15 +59,13 @@ class SmoothQuant(Method):
         alpha, source = alpha_for(lm.info.get("id", ""), self.opts["alpha"])
         stats = activation_stats(lm, calib.windows)
         for i, block in enumerate(ad.blocks):
-            ln1, ln2 = ad.norms(block)
-            lin = ad.linears(block)
-            for norm, roles in ((ln1, ("q", "k", "v")), (ln2, ("gate", "up"))):
-                fcs = [lin[r] for r in roles]
+            for (norm, fcs), roles in zip(ad.norm_inputs(block), (ad.ATTN_IN, ad.MLP_IN)):
                 s = smoothquant_scales(stats[ad.linear_name(i, roles[0])]["absmax"], [f.weight for f in fcs], alpha)
                 fuse_into_norm(norm, fcs, s)
+        leaf = lambda r: ad.LINEARS[r].rsplit(".", 1)[-1]  # noqa: E731
         qm = plain_plan(lm, scheme, weights="round-to-nearest", alpha=alpha, alpha_source=source,
-                        smoothed=["input_layernorm -> q,k,v", "post_attention_layernorm -> gate,up"],
-                        not_smoothed=["o_proj", "down_proj"])
+                        smoothed=[f"{norm} -> {','.join(roles)}" for norm, roles in zip(ad.NORMS, (ad.ATTN_IN, ad.MLP_IN))],
+                        not_smoothed=[leaf(ad.ATTN_OUT), leaf(ad.MLP_OUT)])
         return qm
 
     def quantize_weights(self, qm, spec, calib, key=None):

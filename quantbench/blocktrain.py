@@ -30,21 +30,31 @@ class QLinearView(nn.Module):
     """Training view of one linear (OmniQuant ``QuantLinear`` + ``smooth_and_quant_temporary``).
 
     ``in_div``: divide the input by it (the scale a norm or previous linear will absorb); ``col``: multiply weight
-    columns; ``row``: multiply weight rows and bias. Each is a callable returning a tensor, or None.
+    columns; ``row``: multiply weight rows and bias. LET shifts (OmniQuant's OPT path, ``smooth_ln_fcs_temporary``
+    / ``smooth_fc_fc_temporary``): ``in_shift`` is subtracted from the input before ``in_div`` (what the norm will
+    absorb), ``shift`` adds ``W δ`` to the bias (what the input lost), ``row_shift`` is subtracted from the bias
+    before ``row`` (this linear's output is the shifted input of the next). Each is a callable returning a tensor,
+    or None.
     """
 
     def __init__(self, linear: nn.Linear, w_spec: QuantSpec | None, a_spec: QuantSpec | None,
                  clip: LearnableClip | None = None, in_div: Callable | None = None, col: Callable | None = None,
-                 row: Callable | None = None):
+                 row: Callable | None = None, in_shift: Callable | None = None, shift: Callable | None = None,
+                 row_shift: Callable | None = None):
         super().__init__()
         self.inner, self.w_spec, self.a_spec, self.clip = linear, w_spec, a_spec, clip
         self.in_div, self.col, self.row = in_div, col, row
+        self.in_shift, self.shift, self.row_shift = in_shift, shift, row_shift
 
     def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The FP weight and bias after the LET factors (what is fused in place after training)."""
         w, b = self.inner.weight, self.inner.bias
+        if self.shift is not None:
+            b = b + w @ self.shift().to(w.dtype)
         if self.col is not None:
             w = w * self.col().to(w.dtype)
+        if self.row_shift is not None:
+            b = b - self.row_shift().to(w.dtype)
         if self.row is not None:
             r = self.row().to(w.dtype)
             w = w * r.unsqueeze(1)
@@ -59,6 +69,8 @@ class QLinearView(nn.Module):
         return fake_quant(w, self.w_spec, *lo_hi)
 
     def forward(self, x):
+        if self.in_shift is not None:
+            x = x - self.in_shift().to(x.dtype)
         if self.in_div is not None:
             x = x / self.in_div().to(x.dtype)
         _, b = self.effective()

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantbench.adapters import LINEARS, LlamaAdapter
+from quantbench.adapters import Adapter
 from quantbench.cache import cache_dir, read_checked, remove_checked, write_checked
 from quantbench.errors import NumericalError
 from quantbench.plan import QuantizedModel
@@ -93,18 +93,17 @@ class _Replay:
     Here, for the attention (q/k/v before o) and the MLP (gate/up before down): once the linears before the last
     one are final (:meth:`BlockContext.settled`), the next pass records the last linear's input on every window;
     once the last linear is final too, the next pass computes the sub-layer's output from that input
-    (``adapter.attention_output`` / ``adapter.mlp_output``) and records it; later passes take the recorded output.
+    (the output functions of ``adapter.replay_parts()``) and records it; later passes take the recorded output.
     Every replayed value is what the same modules gave on the same window earlier in the step, so the outputs are
     bit-identical to full passes (``tests/test_gptq.py``). It holds one hidden-size and one intermediate-size tensor
     per window (up to :data:`REPLAY_BYTES`; the MLP is recomputed beyond it)."""
 
-    def __init__(self, adapter: LlamaAdapter, block: nn.Module, inputs: list[torch.Tensor]):
-        self.block, self.n = block, len(inputs)
+    def __init__(self, adapter: Adapter, block: nn.Module, inputs: list[torch.Tensor]):
+        self.block, self.n, self.paths = block, len(inputs), adapter.LINEARS
         self.settled: set[str] = set()
-        self.parts = [_Sublayer(adapter.ATTENTION, frozenset(("q", "k", "v")), "o", adapter.attention_output)]
         mlp_bytes = sum(x.numel() // x.shape[-1] for x in inputs) * adapter.intermediate_size * inputs[0].element_size()
-        if mlp_bytes <= REPLAY_BYTES:
-            self.parts.append(_Sublayer(adapter.MLP, frozenset(("gate", "up")), "down", adapter.mlp_output))
+        self.parts = [_Sublayer(path, before, last, fn) for path, before, last, fn in adapter.replay_parts()
+                      if last != adapter.MLP_OUT or mlp_bytes <= REPLAY_BYTES]
 
     @contextlib.contextmanager
     def during(self, window: list[int]):
@@ -120,7 +119,7 @@ class _Replay:
         if part.recorded is not None:
             stack.enter_context(swapped(self.block, {part.path: _Recorded(window, part.recorded)}))
             return lambda: None
-        last = self.block.get_submodule(LINEARS[part.last])
+        last = self.block.get_submodule(self.paths[part.last])
         if part.last_input is not None and part.last in self.settled:
             out: list = [None] * self.n
             fn = functools.partial(part.output, last)
@@ -156,7 +155,7 @@ class _Layerwise:
     the body runs.
     """
 
-    def __init__(self, adapter: LlamaAdapter, windows: torch.Tensor, device: str | torch.device = "cpu",
+    def __init__(self, adapter: Adapter, windows: torch.Tensor, device: str | torch.device = "cpu",
                  desc: str = "calibrate", fp_stream: bool = False):
         self.adapter, self.device, self.desc = adapter, torch.device(device), desc
         self.inputs, self.kwargs = self._capture(windows)
@@ -222,7 +221,7 @@ class _Layerwise:
         with self._replaying(inputs, window):
             for j, x in enumerate(self.inputs if inputs is None else inputs):
                 window[0] = j
-                out.append(block(x, **self.kwargs))
+                out.append(self.adapter.block_output(block(x, **self.kwargs)))
         return out
 
     @torch.no_grad()
@@ -354,6 +353,10 @@ class BlockContext:
     def forward(self, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """The block's outputs on ``inputs`` (default: :attr:`inputs`), one window at a time."""
         return self.runner.forward(self.block, inputs)
+
+    def apply(self, x: torch.Tensor, kwargs: dict | None = None) -> torch.Tensor:
+        """The block's hidden states on one input ``x`` (with grad if enabled; ``kwargs`` default: the model's)."""
+        return self.qm.adapter.block_output(self.block(x, **(self.kwargs if kwargs is None else kwargs)))
 
     def feed(self, hooks: dict[nn.Module, Callable[[torch.Tensor], None]]) -> None:
         """Call ``hooks[m](input of m)`` for every input; each pass stops once all hooked modules have been reached."""

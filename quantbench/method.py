@@ -107,6 +107,11 @@ class Method:
         over the bare config: widths, heads, context); called before any weight loads (``quantbench.validate``).
         Group sizes are checked for every method there; this hook is for a method's own shape needs."""
 
+    def restructure(self, lm: LoadedModel):
+        """Change the module structure of ``lm``'s model the way :meth:`quantize` does (QuaRot on LayerNorm models:
+        the norms become RMSNorms), so a cached plan's tensors load into it; returns the function that undoes it."""
+        return lambda: None
+
     def specs(self) -> dict[str, QuantSpec]:
         """Quantizer conventions for this instance (a method may adjust them by option, e.g. paper clip ratios)."""
         return self.defaults

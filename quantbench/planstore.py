@@ -157,9 +157,11 @@ def quantize(method, lm, scheme, calib, key: str | None = None) -> tuple[Quantiz
         return method.quantize(lm, scheme, calib, key=key), "calibrated"
     state = store.load(KIND, key, "calibrated plan")
     if state is not None:
+        undo = method.restructure(lm)  # the module structure the plan was made on
         try:
             return restore(plain_plan(lm, scheme), state), f"cache:{key}"
         except (ValueError, KeyError, TypeError) as e:  # checked before the model is touched: recalibrate
+            undo()
             log.warning("cached plan %s does not apply (%s); recalibrating", key, e)
     qm = method.quantize(lm, scheme, calib, key=key)
     store.save(KIND, key, to_state(qm, method.modifies))

@@ -2,9 +2,11 @@
 
 ``X W^T = (X / s)(W diag(s))^T``: dividing an activation channel by ``s_j`` and multiplying the matching weight
 column by it changes nothing in exact arithmetic, but moves quantization difficulty from activations to weights.
-The division is folded into whatever produces the activation: an RMSNorm weight (q/k/v after input_layernorm,
-gate/up after post_attention_layernorm) or the rows of a preceding linear (v_proj rows for o_proj; up_proj rows
-for down_proj in DuQuant). For Q·Kᵀ, OmniQuant's ``qkt`` scale divides q_proj rows and multiplies k_proj rows.
+The division is folded into whatever produces the activation: a norm's weight (and a LayerNorm's bias) before the
+linears that read it, or the rows of a preceding linear (v_proj rows for o_proj; up_proj rows for down_proj in
+DuQuant). For Q·Kᵀ, OmniQuant's ``qkt`` scale divides q_proj rows and multiplies k_proj rows. OmniQuant's shift on
+LayerNorm models (OPT): ``X W^T + b = ((X - δ) / s)(W diag(s))^T + (b + W δ)``, ``δ`` folded into the norm's (or the
+preceding linear's) bias.
 """
 from __future__ import annotations
 
@@ -37,10 +39,26 @@ def _set(p: torch.Tensor, value: torch.Tensor) -> None:
     p.data = value.to(p.dtype)
 
 
+def _shift_bias(lin: nn.Linear, shift: torch.Tensor) -> None:
+    """``b += W δ`` (OmniQuant ``smooth_ln_fcs_inplace``/``smooth_fc_fc_inplace``: what subtracting ``δ`` from the
+    input takes away), before the weight is scaled."""
+    if lin.bias is None:
+        raise ConfigError(f"a smoothing shift needs a bias on the {lin.in_features}-column linear that absorbs it")
+    _set(lin.bias, lin.bias.double() + lin.weight.double() @ shift)
+
+
 @torch.no_grad()
-def fuse_into_norm(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -> None:
-    """``norm.weight /= s``; every following linear ``W[:, j] *= s_j`` (float64)."""
+def fuse_into_norm(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor, shift: torch.Tensor | None = None) -> None:
+    """``norm.weight /= s``, ``norm.bias = (norm.bias - δ) / s``; every following linear ``b += W δ``,
+    ``W[:, j] *= s_j`` (float64). ``shift`` ``δ`` (OmniQuant's LET shift on LayerNorm models) needs a norm bias."""
     s = s.double().to(norm.weight.device)
+    if shift is not None:
+        shift = shift.double().to(norm.weight.device)
+        if getattr(norm, "bias", None) is None:
+            raise ConfigError("a smoothing shift needs a norm with a bias (LayerNorm)")
+        _set(norm.bias, norm.bias.double() - shift)
+        for lin in linears:
+            _shift_bias(lin, shift)
     _set(norm.weight, norm.weight.double() / s)
     if getattr(norm, "bias", None) is not None:
         _set(norm.bias, norm.bias.double() / s)
@@ -49,13 +67,20 @@ def fuse_into_norm(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor) -
 
 
 @torch.no_grad()
-def fuse_into_linear(prev: nn.Linear, nxt: nn.Linear, s: torch.Tensor) -> None:
-    """``prev`` rows (and bias) ``/= s``; ``nxt`` columns ``*= s``. Needs ``prev.out_features == nxt.in_features``
-    (v_proj → o_proj fails under GQA: there v_proj has fewer rows than o_proj has columns)."""
+def fuse_into_linear(prev: nn.Linear, nxt: nn.Linear, s: torch.Tensor, shift: torch.Tensor | None = None) -> None:
+    """``prev`` rows ``/= s`` and bias ``(b - δ) / s``; ``nxt`` bias ``+= W δ``, columns ``*= s``. Needs
+    ``prev.out_features == nxt.in_features`` (v_proj → o_proj fails under GQA: there v_proj has fewer rows than
+    o_proj has columns). A shift passes through attention unchanged (softmax rows sum to 1)."""
     if prev.out_features != nxt.in_features:
         raise ConfigError(f"cannot fold a smoothing scale from a {prev.out_features}-row linear into a "
                           f"{nxt.in_features}-column one")
     s = s.double().to(prev.weight.device)
+    if shift is not None:
+        shift = shift.double().to(prev.weight.device)
+        if prev.bias is None:
+            raise ConfigError(f"a smoothing shift needs a bias on the {prev.out_features}-row linear before it")
+        _set(prev.bias, prev.bias.double() - shift)
+        _shift_bias(nxt, shift)
     _set(prev.weight, prev.weight.double() / s.unsqueeze(1))
     if prev.bias is not None:
         _set(prev.bias, prev.bias.double() / s)

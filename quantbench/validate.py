@@ -69,6 +69,15 @@ def check_groups(geo, scheme, model: str) -> None:
                 f"{' (e.g. ' + ', '.join(map(str, divisors)) + ')' if divisors else ''} or per-channel (no g)")
 
 
+def check_attention(geo, scheme, model: str) -> None:
+    """Q/K/V quantization needs post-RoPE Q/K/V reachable through transformers' attention interface (not BLOOM)."""
+    qkv = [t.upper() for t in "qkv" if getattr(scheme, t) is not None]
+    if qkv and not geo.ROUTES_ATTENTION:
+        raise ConfigError(f"{model} ({geo.FAMILY}) computes its attention scores itself (ALiBi), so {'/'.join(qkv)} "
+                          f"cannot be quantized here; drop {'/'.join(t.lower() for t in qkv)} from --scheme "
+                          f"{scheme.name} (linears and their inputs can be: e.g. w4a4)")
+
+
 def check_run(method, scheme, *, model: str, device: str, backend: str, calibration: dict | None,
               tasks=(), geometry=None) -> None:
     """Everything about one (method, scheme, model) run that can be known before it starts; ``calibration``: the
@@ -78,6 +87,7 @@ def check_run(method, scheme, *, model: str, device: str, backend: str, calibrat
     BACKENDS.get(backend)
     geo = geometry or models.geometry_of(model)
     check_groups(geo, scheme, model)
+    check_attention(geo, scheme, model)
     method.check_model(geo, scheme)
     if calibration is not None:
         check_calibration(calibration, geo.context, model)

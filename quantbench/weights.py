@@ -8,8 +8,10 @@ Hessian ``H = 2/N Σ x xᵀ`` of each linear's input over the calibration set, d
 ``percdamp · mean(diag H)``, upper Cholesky factor of ``H⁻¹``, columns quantized left to right in blocks of
 ``blocksize`` with the error ``(w - q) / [H⁻¹]_jj`` spread over the remaining columns (Eq. 3 / Alg. 1 of the
 paper), optional act-order (columns by decreasing ``diag H``), group-wise scales found at each group's first
-column, optional MSE clip search, and "true sequential" groups ``[k, v, q], [o], [up, gate], [down]`` whose
-inputs are recomputed after the previous group is quantized. lm_head is never quantized.
+column, optional MSE clip search, and "true sequential" groups whose inputs are recomputed after the previous group
+is quantized (``Adapter.SEQUENTIAL``: ``[k, v, q], [o], [up, gate], [down]`` on Llama; OPT ``[k, v, q], [out_proj],
+[fc1], [fc2]`` and BLOOM ``[query_key_value], [dense], [dense_h_to_4h], [dense_4h_to_h]`` as AutoGPTQ's OPT/BLOOM
+``inside_layer_modules``). Biases are kept as they are (GPTQ's ``opt.py``/``bloom.py`` quantize weights only). lm_head is never quantized.
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from quantbench.adapters import LINEARS
 from quantbench.errors import ConfigError
 from quantbench.layerwise import BlockContext, run_blocks
 from quantbench.plan import QuantizedModel
@@ -28,8 +29,6 @@ from quantbench.quant import QTensor, QuantSpec, _grouped, mse_clip, qparams, qu
 from quantbench.simulate import online_view, unwrap
 
 log = logging.getLogger(__name__)
-
-TRUE_SEQUENTIAL = (("k", "v", "q"), ("o",), ("up", "gate"), ("down",))  # QuaRot gptq_fwrd ``sequential``
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,7 @@ def round_to_nearest(qm: QuantizedModel, spec: QuantSpec, clip_search: bool = Fa
     or only those of decoder block ``block``."""
     names = list(qm.linears)
     if block is not None:
-        names = [n for n in (qm.adapter.linear_name(block, r) for r in LINEARS) if n in qm.linears]
+        names = [n for n in (qm.adapter.linear_name(block, r) for r in qm.adapter.LINEARS) if n in qm.linears]
     for name in tqdm(names, desc="rtn: quantize weights", leave=False, disable=block is not None):
         w = unwrap(qm.model.get_submodule(name)).weight.detach()
         try:  # quantize() refuses NaN/inf; the error names the layer
@@ -185,7 +184,7 @@ def gptq(qm: QuantizedModel, windows: torch.Tensor, spec: QuantSpec, cfg: GPTQCo
     adapter = qm.adapter
 
     def names(ctx):
-        return {r: adapter.linear_name(ctx.index, r) for r in LINEARS if adapter.linear_name(ctx.index, r) in qm.linears}
+        return {r: adapter.linear_name(ctx.index, r) for r in adapter.LINEARS if adapter.linear_name(ctx.index, r) in qm.linears}
 
     def step(ctx: BlockContext) -> dict:
         gptq_block(qm, ctx, spec, cfg, outputs=True)
@@ -224,7 +223,8 @@ def gptq_block(qm: QuantizedModel, ctx: BlockContext, spec: QuantSpec, cfg: GPTQ
 
 def _gptq_groups(qm: QuantizedModel, ctx: BlockContext, spec: QuantSpec, cfg: GPTQConfig) -> None:
     adapter, i, block = qm.adapter, ctx.index, ctx.block
-    groups = TRUE_SEQUENTIAL if cfg.true_sequential else (tuple(r for g in TRUE_SEQUENTIAL for r in g),)
+    seq = adapter.SEQUENTIAL
+    groups = seq if cfg.true_sequential else (tuple(r for g in seq for r in g),)
     lins = {role: unwrap(m) for role, m in adapter.linears(block).items()}
     for roles in groups:
         roles = [r for r in roles if adapter.linear_name(i, r) in qm.linears]

@@ -143,10 +143,10 @@ def test_gptq_damping_solves_a_rank_deficient_hessian():
 def _gptq_by_full_passes(qm, ctx, spec, cfg):
     """GPTQ's block step as the reference runs it: every group's Hessians from a full pass of the block, each
     Hessian fed on its own, the outputs from one more full pass (no replay, no shared products)."""
-    from quantbench.weights import TRUE_SEQUENTIAL, _set_weight
+    from quantbench.weights import _set_weight
     from quantbench.simulate import unwrap
     lins = {r: unwrap(m) for r, m in qm.adapter.linears(ctx.block).items()}
-    for roles in TRUE_SEQUENTIAL:
+    for roles in (("k", "v", "q"), ("o",), ("up", "gate"), ("down",)):  # QuaRot gptq_fwrd ``sequential``
         hs = {r: Hessian(lins[r].in_features, "cpu") for r in roles}
         for x in ctx.inputs:
             seen = {}

@@ -73,9 +73,7 @@ def test_let_fusion_and_training_view_are_exact(windows, kv_heads):
                 k=(get("qkv"), get("qkv"), get("qkt")), v=(get("qkv"), get("qkv"), inv("out")),
                 o=(None, get("out"), None), gate=(get("fc1"), get("fc1"), None), up=(get("fc1"), get("fc1"), None),
                 down=(None, None, None))
-    from quantbench.adapters import LINEARS
-
-    restore = swap_modules(block, {LINEARS[r]: QLinearView(lin[r], None, None, None, *spec[r]) for r in lin})
+    restore = swap_modules(block, {ad.LINEARS[r]: QLinearView(lin[r], None, None, None, *spec[r]) for r in lin})
     torch.testing.assert_close(logits(lm.model, windows), ref, rtol=1e-4, atol=1e-4)  # the view, quant off
     restore()
     OmniQuant._fuse(ad, block, p)
