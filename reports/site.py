@@ -370,7 +370,8 @@ def build(records: list[dict], out_path: Path, results_dir: str = "reports/resul
             + ".", "", "## Reproduction cards", "",
             "Run `pytest bench/ <command>` on a GPU machine with the hub; expect each value within the tolerance. "
             "The settings column names where each knob comes from.", ""]
-    rows = [[c.method, c.model, c.scheme, ", ".join(f"{t} {v}" for t, v in c.expect.items()), f"±{100 * c.rel_tol:g}%",
+    rows = [[c.method, c.model, c.scheme, ", ".join(f"{t} {v}" for t, v in c.expect.items()) or "settings only",
+             f"±{100 * c.rel_tol:g}%" if c.expect else "",
              c.source, "; ".join(f"{k}: {v}" for k, v in c.settings.items()) + (f" — {c.notes}" if c.notes else ""),
              f"`{c.command}`"] for c in CARDS]
     out += [tabulate(rows, headers=["method", "model", "scheme", "expect", "tol", "source", "settings", "command"],

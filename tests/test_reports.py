@@ -31,6 +31,15 @@ HUB_CONFIGS = {
                        num_key_value_heads=8, max_position_embeddings=8192),
     "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                        num_key_value_heads=8, max_position_embeddings=32768),
+    "opt-66b": dict(model_type="opt", hidden_size=9216, ffn_dim=36864, num_attention_heads=72,
+                    word_embed_proj_dim=9216, max_position_embeddings=2048),
+    "opt-13b": dict(model_type="opt", hidden_size=5120, ffn_dim=20480, num_attention_heads=40,
+                    word_embed_proj_dim=5120, max_position_embeddings=2048),
+    "opt-6.7b": dict(model_type="opt", hidden_size=4096, ffn_dim=16384, num_attention_heads=32,
+                     word_embed_proj_dim=4096, max_position_embeddings=2048),
+    "opt-125m": dict(model_type="opt", hidden_size=768, ffn_dim=3072, num_attention_heads=12,
+                     word_embed_proj_dim=768, max_position_embeddings=2048),
+    "bloom-176b": dict(model_type="bloom", hidden_size=14336, n_head=112, n_layer=70),
 }
 
 
@@ -46,7 +55,7 @@ def test_every_reproduction_card_is_a_valid_bench_command(card, monkeypatch):
     cases = conf.build_cases(opt)
     assert [(c.cfg.method, c.cfg.scheme) for c in cases] == [(card.method, card.scheme)]
     tasks = {t.name for t in cases[0].tasks}
-    assert set(card.expect) <= tasks and 0 < card.rel_tol <= 0.25
+    assert set(card.expect) <= tasks and (0 < card.rel_tol <= 0.25 if card.expect else "settings card" in card.notes)
     for task, value in card.expect.items():
         found = papers.lookup(card.model, card.method, card.scheme, task, "ppl")
         assert {v.value for v in found} == {value}, (task, found)
