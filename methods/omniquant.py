@@ -71,7 +71,8 @@ class OmniQuant(Method):
         shift = ad.NORM == "layer"  # the reference's use_shift: on for OPT/Falcon (LayerNorm), off for Llama
         qm = plain_plan(lm, scheme, weights="omniquant (LWC)" if o["lwc"] else "round-to-nearest",
                         let=sorted(lets) if use_let else [], let_skipped=skipped if use_let else [],
-                        no_let=[ad.LINEARS[ad.MLP_OUT].rsplit(".", 1)[-1]], **({"let_shift": True} if shift and use_let else {}),
+                        no_let=[ad.LINEARS[ad.MLP_OUT].rsplit(".", 1)[-1]],
+                        **({"let_shift": True} if shift and use_let else {}),
                         **({"reference_scope": REFERENCE_SCOPE[ad.FAMILY]} if ad.FAMILY in REFERENCE_SCOPE else {}))
         losses = {}
 

@@ -64,7 +64,8 @@ class SmoothQuant(Method):
                 fuse_into_norm(norm, fcs, s)
         leaf = lambda r: ad.LINEARS[r].rsplit(".", 1)[-1]  # noqa: E731
         qm = plain_plan(lm, scheme, weights="round-to-nearest", alpha=alpha, alpha_source=source,
-                        smoothed=[f"{norm} -> {','.join(roles)}" for norm, roles in zip(ad.NORMS, (ad.ATTN_IN, ad.MLP_IN))],
+                        smoothed=[f"{norm} -> {','.join(roles)}"
+                                  for norm, roles in zip(ad.NORMS, (ad.ATTN_IN, ad.MLP_IN))],
                         not_smoothed=[leaf(ad.ATTN_OUT), leaf(ad.MLP_OUT)])
         return qm
 

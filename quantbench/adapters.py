@@ -9,7 +9,7 @@ Linears have *roles*, one vocabulary for every family: ``q k v`` (or ``qkv`` whe
 | family | ``model_type`` | norms | linears (role: module) | MLP |
 |---|---|---|---|---|
 | :class:`LlamaAdapter` | llama, mistral, qwen2 | RMSNorm | q k v o gate up down (``self_attn.*``, ``mlp.*``) | SwiGLU |
-| :class:`OptAdapter` | opt (pre-LN) | LayerNorm + bias | q k v o (``self_attn.out_proj``), up (``fc1``), down (``fc2``) | ReLU |
+| :class:`OptAdapter` | opt (pre-LN) | LayerNorm + bias | q k v, o (``out_proj``), up (``fc1``), down (``fc2``) | ReLU |
 | :class:`BloomAdapter` | bloom | LayerNorm + bias | qkv (``query_key_value``), o (``dense``), up, down | GELU |
 
 OPT adds learned positional embeddings to the token embeddings (both are the residual stream's "embed" part);

@@ -48,7 +48,8 @@ def _shift_bias(lin: nn.Linear, shift: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def fuse_into_norm(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor, shift: torch.Tensor | None = None) -> None:
+def fuse_into_norm(norm: nn.Module, linears: list[nn.Linear], s: torch.Tensor,
+                   shift: torch.Tensor | None = None) -> None:
     """``norm.weight /= s``, ``norm.bias = (norm.bias - δ) / s``; every following linear ``b += W δ``,
     ``W[:, j] *= s_j`` (float64). ``shift`` ``δ`` (OmniQuant's LET shift on LayerNorm models) needs a norm bias."""
     s = s.double().to(norm.weight.device)

@@ -306,3 +306,17 @@ def test_bench_on_a_tiny_model_directory(name, tmp_path):
     assert rc == 0
     records = [json.loads(f.read_text()) for f in out.glob("*.json")]
     assert len(records) == 6 and all(r["value"] == r["value"] and r["value"] < 1e6 for r in records)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_export_round_trip_is_exact(name, tmp_path, ids):
+    """A W4A16 plan of an OPT/BLOOM model exported as compressed-tensors loads in plain transformers (biases and
+    all) with the fake-quant model's logits, and back through ``--method load``."""
+    lm = _lm(name, dtype=torch.float32)
+    qm = quantbench.quantize(lm.model, "rtn", "w4a16", tokenizer=lm.tokenizer)
+    ref = logits(qm.realize(), ids)
+    qm.save_pretrained(tmp_path / "ct")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "ct",
+                                                 attn_implementation="eager" if "bloom" in name else "sdpa")
+    assert torch.equal(logits(plain, ids), ref)
+    assert torch.equal(logits(quantbench.quantize(str(tmp_path / "ct"), "load", "headline").realize(), ids), ref)
