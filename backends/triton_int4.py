@@ -9,8 +9,11 @@ Per planned linear (weights of at most 4 bits, K a multiple of 64):
   Hadamard of any size ``K * 2^m`` (``H_K ⊗ H_2^m = (H_K ⊗ H_2^m/b) ⊗ H_b``) and its head Hadamard
   (``H_heads ⊗ I``); a transform with no fused kernel runs in PyTorch before the kernels, exactly as in the
   fake-quant backend, logged when the model is realized and shown by ``extra_repr``; then ``w4a4_gemm``
-  (per-channel weights) with the zero-point epilogue;
-* activations in floating point: ``w4a16_gemm`` (per-channel or grouped weights), split-K at decode sizes.
+  (per-channel weights) with the zero-point epilogue, or its ``Yᵀ = W Xᵀ`` split-K twin ``w4a4_gemm_t``, or the exact
+  FP8 path (:mod:`quantbench.backends.fp8_gemm`, activations of at most 5 bits): on a GPU the fastest, measured
+  once per shape (:func:`choose_w4a4`; ``QUANTBENCH_W4A4`` forces one);
+* activations in floating point: ``w4a16`` (per-channel or grouped weights): the split-K kernel at decode sizes,
+  the weight dequantized to the activations' dtype and a cuBLAS matmul from ``M = 256`` on.
 
 Attention (Q/K/V quantization) runs as in the fake-quant backend: these kernels cover the linears. A plan the kernels
 cannot run (weights above 4 bits, grouped weights with quantized activations, K not a multiple of 64) is an error
@@ -19,11 +22,13 @@ naming the linear, never a silent fallback. Without a GPU the kernels run in the
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 
 import torch
 from torch import nn
 
+from quantbench.backends import fp8_gemm
 from quantbench.backends.int4 import Int4Weight, int4_weight
 from quantbench import hadamard
 from quantbench.errors import ConfigError
@@ -109,6 +114,47 @@ def kernels():
     return triton_kernels
 
 
+W4A4_PATHS = ("int8", "int8t", "fp8")  # w4a4_gemm, w4a4_gemm_t (Yᵀ = W Xᵀ, split-K), fp8_gemm.w4a4_fp8
+_CHOSEN: dict[tuple, str] = {}  # (M bucket, N, K, zero points) -> the path measured fastest on this GPU
+
+
+def fp8_capable(device) -> bool:
+    """FP8 ``_scaled_mm``: Ada/Hopper GPUs (compute capability 8.9+) and the CPU."""
+    device = torch.device(device)
+    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9))
+
+
+def choose_w4a4(lin: TritonLinear, m: int) -> str:
+    """The W4A4 path for ``lin`` at ``m`` tokens: ``QUANTBENCH_W4A4`` if set; on a GPU the fastest of the eligible
+    paths, measured once per (M bucket, N, K, zero points) with ``triton.testing.do_bench`` and logged; else
+    ``int8`` (the interpreter's exactness is what a CPU tests)."""
+    forced = os.environ.get("QUANTBENCH_W4A4")
+    if forced:
+        if forced not in W4A4_PATHS:
+            raise ConfigError(f"QUANTBENCH_W4A4={forced!r}: choose one of {', '.join(W4A4_PATHS)}")
+        if forced == "fp8" and not lin.fp8_ok:
+            raise ConfigError("QUANTBENCH_W4A4=fp8: this linear's activations or K are not exact on the FP8 path "
+                              "(activations of at most 5 bits on an FP8-capable device)")
+        return forced
+    if lin.w.packed.device.type != "cuda":
+        return "int8"
+    import triton.testing
+
+    bucket = lin.k._bucket(m)
+    key = (bucket, lin.out_features, lin.in_features, lin.act.signed, lin.w.zero is None)
+    if key not in _CHOSEN:
+        dev = lin.w.packed.device
+        q = torch.randint(-8, 8, (bucket, lin.in_features), dtype=torch.int8, device=dev)
+        s, rs = torch.ones(bucket, device=dev), q.sum(1, dtype=torch.int32)
+        z = None if lin.act.signed else torch.zeros(bucket, device=dev)
+        times = {p: triton.testing.do_bench(lambda p=p: lin.gemm(p, q, s, z, rs, torch.bfloat16), warmup=5, rep=20)
+                 for p in W4A4_PATHS if p != "fp8" or lin.fp8_ok}
+        _CHOSEN[key] = min(times, key=times.get)
+        log.info("triton backend: W4A4 %dx%dx%d (M bucket) -> %s (%s)", bucket, lin.out_features, lin.in_features,
+                 _CHOSEN[key], ", ".join(f"{p} {t * 1e3:.0f} us" for p, t in times.items()))
+    return _CHOSEN[key]
+
+
 class TritonLinear(nn.Module):
     """One planned linear on the INT4 kernels (``w4a4`` when the plan quantizes activations, else ``w4a16``)."""
 
@@ -144,17 +190,28 @@ class TritonLinear(nn.Module):
             if self.rotation is not None:
                 self.rotation = self.rotation.to(linear.weight.device)
         self.pre = nn.Sequential(*pre)
+        self.fp8_ok = fp8_gemm.eligible(self.act, self.in_features) and fp8_capable(linear.weight.device)
+        self._w8 = None  # the FP8 path's weight, made on its first use
+
+    def gemm(self, path: str, q, s, z, rs, out_dtype):
+        """The W4A4 GEMM on one of :data:`W4A4_PATHS` (all give the same integer accumulator)."""
+        if path == "fp8":
+            if self._w8 is None:
+                self._w8 = fp8_gemm.fp8_weight(self.w)
+            return fp8_gemm.w4a4_fp8(q, s, z, rs, self.w, self._w8, self.bias, out_dtype=out_dtype)
+        gemm = self.k.w4a4_gemm_t if path == "int8t" else self.k.w4a4_gemm
+        return gemm(q, s, z, rs, self.w, self.bias, out_dtype=out_dtype)
 
     def forward(self, x):
         shape = x.shape
         x2 = self.pre(x).reshape(-1, shape[-1])
         if self.act is None:
-            y = self.k.w4a16_gemm(x2, self.w, self.bias)
+            y = self.k.w4a16(x2, self.w, self.bias)
         else:
             if self.mix is not None:
                 x2 = self.k.block_mix(x2, **self.mix)
             q, s, z, rs = self.k.rotate_quant(x2, self.act, self.rotation)
-            y = self.k.w4a4_gemm(q, s, z, rs, self.w, self.bias, out_dtype=x.dtype)
+            y = self.gemm(choose_w4a4(self, x2.shape[0]), q, s, z, rs, x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self):

@@ -38,12 +38,11 @@ def _rne(v):
 
 
 @triton.jit
-def _block(x_ptr, r_ptr, rows, row_mask, k0, stride_xm, B: tl.constexpr, HAS_R: tl.constexpr):
+def _block(x_ptr, r, rows, row_mask, k0, stride_xm, B: tl.constexpr, HAS_R: tl.constexpr):
+    """Block ``k0`` of the rows, times the rotation ``r`` (staged once per program by the caller)."""
     cols = k0 + tl.arange(0, B)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=row_mask[:, None], other=0.0).to(tl.float32)
     if HAS_R:
-        rr = tl.arange(0, B)
-        r = tl.load(r_ptr + rr[:, None] * B + rr[None, :])
         x = tl.dot(x, r, input_precision=ROT_PREC)
     return x
 
@@ -58,10 +57,15 @@ def _rotate_quant_kernel(x_ptr, r_ptr, q_ptr, s_ptr, z_ptr, sum_ptr, M, K, strid
     int8 codes, the fp32 scale, the shifted zero point and the int32 row sum."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_mask = rows < M
+    rr = tl.arange(0, B)
+    if HAS_R:  # the rotation is loaded once per program, not once per K step
+        r = tl.load(r_ptr + rr[:, None] * B + rr[None, :])
+    else:
+        r = tl.zeros((B, B), tl.float32)
     lo = tl.full((BM,), float("inf"), tl.float32)
     hi = tl.full((BM,), float("-inf"), tl.float32)
     for k0 in range(0, K, B):
-        y = _block(x_ptr, r_ptr, rows, row_mask, k0, stride_xm, B, HAS_R)
+        y = _block(x_ptr, r, rows, row_mask, k0, stride_xm, B, HAS_R)
         lo = tl.minimum(lo, tl.min(y, axis=1))
         hi = tl.maximum(hi, tl.max(y, axis=1))
     lo = lo * clip
@@ -94,7 +98,7 @@ def _rotate_quant_kernel(x_ptr, r_ptr, q_ptr, s_ptr, z_ptr, sum_ptr, M, K, strid
         scale = tl.where(scale == 0.0, 1.1920928955078125e-07, scale)
     total = tl.zeros((BM,), tl.int32)
     for k0 in range(0, K, B):
-        y = _block(x_ptr, r_ptr, rows, row_mask, k0, stride_xm, B, HAS_R)
+        y = _block(x_ptr, r, rows, row_mask, k0, stride_xm, B, HAS_R)
         q = _rne(tl.math.div_rn(y, scale[:, None])) + zero[:, None]
         q = tl.minimum(tl.maximum(q, QMIN), QMAX) - SHIFT
         qi = q.to(tl.int32)
@@ -223,6 +227,30 @@ def _unpacked_cols(k0, K, BK: tl.constexpr, H: tl.constexpr):
 
 
 @triton.jit
+def _epilogue(acc, rm, rn, mm, nm, K, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cs_ptr, b_ptr,
+              HAS_ZX: tl.constexpr, HAS_ZW: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """fp32 ``y [BM, BN]`` from the int32 accumulator of rows ``rm`` and columns ``rn`` (docs/kernels.md, W4A4 GEMM
+    and its epilogue): the rank-1 zero-point terms, the two scales, the bias. One helper for every W4A4 kernel."""
+    y = acc.to(tl.float32)
+    if HAS_ZW:
+        zw = tl.load(zw_ptr + rn, mask=nm, other=0.0)
+        rs = tl.load(rs_ptr + rm, mask=mm, other=0).to(tl.float32)
+        y -= rs[:, None] * zw[None, :]
+    if HAS_ZX:
+        zx = tl.load(zx_ptr + rm, mask=mm, other=0.0)
+        cs = tl.load(cs_ptr + rn, mask=nm, other=0).to(tl.float32)
+        y -= zx[:, None] * cs[None, :]
+        if HAS_ZW:
+            y += K * zx[:, None] * zw[None, :]
+    sx = tl.load(sx_ptr + rm, mask=mm, other=0.0)
+    sw = tl.load(sw_ptr + rn, mask=nm, other=0.0)
+    y = y * sx[:, None] * sw[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
+    return y
+
+
+@triton.jit
 def _w4a4_kernel(x_ptr, w_ptr, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cs_ptr, b_ptr, y_ptr, M, N, K, MB,
                  HAS_ZX: tl.constexpr, HAS_ZW: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_ACC: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, H: tl.constexpr):
@@ -248,23 +276,63 @@ def _w4a4_kernel(x_ptr, w_ptr, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cs_ptr, b
     if OUT_ACC:
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=mm[:, None] & nm[None, :])
     else:
-        y = acc.to(tl.float32)
-        if HAS_ZW:
-            zw = tl.load(zw_ptr + rn, mask=nm, other=0.0)
-            rs = tl.load(rs_ptr + rm, mask=mm, other=0).to(tl.float32)
-            y -= rs[:, None] * zw[None, :]
-        if HAS_ZX:
-            zx = tl.load(zx_ptr + rm, mask=mm, other=0.0)
-            cs = tl.load(cs_ptr + rn, mask=nm, other=0).to(tl.float32)
-            y -= zx[:, None] * cs[None, :]
-            if HAS_ZW:
-                y += K * zx[:, None] * zw[None, :]
-        sx = tl.load(sx_ptr + rm, mask=mm, other=0.0)
-        sw = tl.load(sw_ptr + rn, mask=nm, other=0.0)
-        y = y * sx[:, None] * sw[None, :]
-        if HAS_BIAS:
-            y += tl.load(b_ptr + rn, mask=nm, other=0.0).to(tl.float32)[None, :]
+        y = _epilogue(acc, rm, rn, mm, nm, K, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cs_ptr, b_ptr, HAS_ZX, HAS_ZW,
+                      HAS_BIAS)
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _w4a4t_kernel(x_ptr, w_ptr, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cs_ptr, b_ptr, y_ptr, M, N, K, MB, K_SPLIT,
+                  HAS_ZX: tl.constexpr, HAS_ZW: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
+                  BN: tl.constexpr, BMT: tl.constexpr, BK: tl.constexpr, GROUP_N: tl.constexpr, H: tl.constexpr):
+    """``accᵀ = qw' · xqᵀ`` (``Yᵀ = W Xᵀ``): the weight tile, unpacked in registers, is the dot's *left* operand
+    (wgmma's A, which may come from registers; B, the activations, from shared memory as loaded), ``BN`` weight rows
+    by ``BMT`` tokens. ``program_id(1)`` takes one ``K_SPLIT`` range of K (split-K for small M): with ``PARTIAL``
+    each split stores its int32 partial at ``y_ptr[split]`` (exact; :func:`_w4a4_reduce_kernel` adds them and runs
+    the epilogue), else the epilogue runs here."""
+    pid_n, pid_m = _grouped_pid(N, M, BN, BMT, GROUP_N)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rm = pid_m * BMT + tl.arange(0, BMT)
+    mm, nm = rm < M, rn < N
+    acc = tl.zeros((BN, BMT), tl.int32)
+    k_start = tl.program_id(1) * K_SPLIT
+    k_end = tl.minimum(k_start + K_SPLIT, K)
+    for k0 in range(k_start, k_end, BK):
+        kk, klo, km = _unpacked_cols(k0, k_end, BK, H)
+        p = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + kk)[None, :], mask=nm[:, None] & km[None, :],
+                    other=0)
+        xlo = tl.load(x_ptr + rm[None, :] * K + klo[:, None], mask=km[:, None] & mm[None, :], other=0)
+        xhi = tl.load(x_ptr + rm[None, :] * K + (klo + H)[:, None], mask=km[:, None] & mm[None, :], other=0)
+        acc += tl.dot((p << 4).to(tl.int8, bitcast=True), xlo, out_dtype=tl.int32)
+        acc += tl.dot((p & 0xF0).to(tl.int8, bitcast=True), xhi, out_dtype=tl.int32)
+    acc = tl.trans(acc >> 4)  # every term is 16 * w * x: each partial is a multiple of 16, the shift exact
+    if PARTIAL:
+        ys = y_ptr + tl.program_id(1) * M * N
+        tl.store(ys + rm[:, None] * N + rn[None, :], acc, mask=mm[:, None] & nm[None, :])
+    else:
+        y = _epilogue(acc, rm, rn, mm, nm, K, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cs_ptr, b_ptr, HAS_ZX, HAS_ZW,
+                      HAS_BIAS)
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+
+
+@triton.jit
+def _w4a4_reduce_kernel(parts_ptr, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cs_ptr, b_ptr, y_ptr, M, N, K,
+                        SPLITS: tl.constexpr, HAS_ZX: tl.constexpr, HAS_ZW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        OUT_ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    """Split-K's second stage: the int32 partials summed in split order (exact), then the epilogue."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    mm, nm = rm < M, rn < N
+    mask = mm[:, None] & nm[None, :]
+    acc = tl.zeros((BM, BN), tl.int32)
+    for s in tl.static_range(SPLITS):
+        acc += tl.load(parts_ptr + s * M * N + rm[:, None] * N + rn[None, :], mask=mask, other=0)
+    if OUT_ACC:
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=mask)
+    else:
+        y = _epilogue(acc, rm, rn, mm, nm, K, sx_ptr, zx_ptr, rs_ptr, sw_ptr, zw_ptr, cs_ptr, b_ptr, HAS_ZX, HAS_ZW,
+                      HAS_BIAS)
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def w4a4_gemm(xq, sx, zx, rowsum, w: Int4Weight, bias=None, out_dtype=torch.float32, return_acc: bool = False,
@@ -287,6 +355,57 @@ def w4a4_gemm(xq, sx, zx, rowsum, w: Int4Weight, bias=None, out_dtype=torch.floa
         xq.contiguous(), w.packed, sx, zx if zx is not None else dummy, rowsum, w.scale, w.zero if w.zero is not None
         else dummy, w.colsum, bias if bias is not None else dummy, y, m, n, k, _bucket(m), HAS_ZX=zx is not None,
         HAS_ZW=w.zero is not None, HAS_BIAS=bias is not None, OUT_ACC=return_acc, H=HALF, **meta)
+    return y
+
+
+def _programs_wanted(device) -> int:
+    """Programs that fill a GPU: 4 per SM (a CPU: the interpreter's 8, enough to test the split paths)."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def split_for(m: int, tiles: int, k: int, device) -> int:
+    """Split-K factor for small M (``m <= 16``): the fewest splits (powers of two, 64-aligned ranges, at most
+    ``k/256`` so each split keeps a few steps) that bring ``tiles`` output tiles to :func:`_programs_wanted`."""
+    if m > 16:
+        return 1
+    want, s = _programs_wanted(torch.device(device)), 1
+    while tiles * s < want and k % (2 * s * PACK) == 0 and k // (2 * s) >= 4 * PACK:
+        s *= 2
+    return s
+
+
+def w4a4_gemm_t(xq, sx, zx, rowsum, w: Int4Weight, bias=None, out_dtype=torch.float32, return_acc: bool = False,
+                split_k: int | None = None, config: dict | None = None):
+    """:func:`w4a4_gemm` computed as ``Yᵀ = W Xᵀ`` (:func:`_w4a4t_kernel`), with split-K for small M (``split_k``
+    default :func:`split_for`): the same integer accumulator, the same epilogue."""
+    m, k = xq.shape
+    n, kw = w.shape
+    check_k(k)
+    if k != kw:
+        raise ConfigError(f"w4a4_gemm_t: activations have K={k}, the weight {kw}")
+    if w.group_size:
+        raise ConfigError("w4a4_gemm_t needs per-channel weights: group scales do not factor out of the integer dot")
+    kern, meta = _pick(_w4a4t_kernel, _W4A4T_TUNED, config, INTERP_T)
+    if split_k is None:
+        split_k = split_for(m, triton.cdiv(n, meta.get("BN", 128)) * triton.cdiv(m, meta.get("BMT", 16)), k,
+                            xq.device)
+    if split_k < 1 or k % (split_k * PACK):
+        raise ConfigError(f"split_k={split_k} does not cut K={k} into multiples of {PACK}")
+    dummy = w.scale
+    ops = (sx, zx if zx is not None else dummy, rowsum, w.scale, w.zero if w.zero is not None else dummy, w.colsum,
+           bias if bias is not None else dummy)
+    flags = dict(HAS_ZX=zx is not None, HAS_ZW=w.zero is not None, HAS_BIAS=bias is not None)
+    y = torch.empty(m, n, dtype=torch.int32 if return_acc else out_dtype, device=xq.device)
+    partial = split_k > 1 or return_acc
+    out = torch.empty(split_k, m, n, dtype=torch.int32, device=xq.device) if partial else y
+    grid = lambda c: (triton.cdiv(n, c["BN"]) * triton.cdiv(m, c["BMT"]), split_k)  # noqa: E731
+    kern[grid](xq.contiguous(), w.packed, *ops, out, m, n, k, _bucket(m), k // split_k, PARTIAL=partial, H=HALF,
+               **flags, **meta)
+    if partial:
+        _w4a4_reduce_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 64))](
+            out, *ops, y, m, n, k, SPLITS=split_k, OUT_ACC=return_acc, BM=16, BN=64, **flags)
     return y
 
 
@@ -332,7 +451,7 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, MB, K_SPLIT, G, st
 def w4a16_gemm(x: torch.Tensor, w: Int4Weight, bias=None, split_k: int | None = None,
                config: dict | None = None) -> torch.Tensor:
     """``x [M, K]`` (fp16/fp32; bf16 on GPU) times a packed per-channel or grouped weight, fp32 accumulation.
-    Small M (decode) splits K (``split_k`` default: 8 for M <= 16 when K allows, else 1)."""
+    Small M (decode) splits K (``split_k`` default: :func:`split_for`, enough programs to fill the GPU)."""
     m, k = x.shape
     n, kw = w.shape
     if k != kw:
@@ -340,12 +459,12 @@ def w4a16_gemm(x: torch.Tensor, w: Int4Weight, bias=None, split_k: int | None = 
     if x.dtype == torch.bfloat16 and not x.is_cuda:
         raise ConfigError("bf16 cannot go through tl.dot in the Triton interpreter: use fp16 or fp32 on CPU")
     g = w.group_size or k
+    kern, meta = _pick(_w4a16_kernel, _W4A16_TUNED, config)
     if split_k is None:
-        split_k = next((s for s in (8, 4, 2) if m <= 16 and k % (s * PACK) == 0), 1)
+        split_k = split_for(m, triton.cdiv(n, meta.get("BN", 64)) * triton.cdiv(m, meta.get("BM", 16)), k, x.device)
     if split_k < 1 or k % (split_k * PACK):
         raise ConfigError(f"split_k={split_k} does not cut K={k} into multiples of {PACK}")
     parts = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
-    kern, meta = _pick(_w4a16_kernel, _W4A16_TUNED, config)
     grid = lambda c: (triton.cdiv(m, c["BM"]) * triton.cdiv(n, c["BN"]), split_k)  # noqa: E731
     kern[grid](x.contiguous(), w.packed, w.scale, w.zero if w.zero is not None else w.scale, parts, m, n, k,
                _bucket(m), k // split_k, g, m * n, HAS_Z=w.zero is not None, H=HALF, **meta)
@@ -353,6 +472,48 @@ def w4a16_gemm(x: torch.Tensor, w: Int4Weight, bias=None, split_k: int | None = 
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, y_ptr, N, K, G, HAS_Z: tl.constexpr, BN: tl.constexpr, H: tl.constexpr):
+    """One 64-wide layout block of ``BN`` weight rows -> ``(q' - z') * s`` (fp32, as :meth:`Int4Weight.dequantize`)
+    stored in the output's dtype."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    kb = tl.program_id(1) * 2 * H
+    nm = rn < N
+    kk = tl.arange(0, H)
+    p = tl.load(w_ptr + rn[:, None] * (K // 2) + (kb // 2 + kk)[None, :], mask=nm[:, None], other=0)
+    lo = ((p << 4).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
+    hi = ((p & 0xF0).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
+    gi = kb // G
+    sc = tl.load(s_ptr + rn * (K // G) + gi, mask=nm, other=0.0)
+    if HAS_Z:
+        z = tl.load(z_ptr + rn * (K // G) + gi, mask=nm, other=0.0)
+        lo = lo - z[:, None]
+        hi = hi - z[:, None]
+    out = y_ptr + rn[:, None] * K + kb
+    tl.store(out + kk[None, :], (lo * sc[:, None]).to(y_ptr.dtype.element_ty), mask=nm[:, None])
+    tl.store(out + H + kk[None, :], (hi * sc[:, None]).to(y_ptr.dtype.element_ty), mask=nm[:, None])
+
+
+def dequantize(w: Int4Weight, dtype=torch.float32) -> torch.Tensor:
+    """The packed weight as a dense ``[N, K]`` tensor of ``dtype`` (one pass over the int4 bytes)."""
+    n, k = w.shape
+    y = torch.empty(n, k, dtype=dtype, device=w.packed.device)
+    _dequant_kernel[(triton.cdiv(n, 64), k // PACK)](w.packed, w.scale, w.zero if w.zero is not None else w.scale,
+                                                    y, n, k, w.group_size or k, HAS_Z=w.zero is not None, BN=64, H=HALF)
+    return y
+
+
+W4A16_DENSE_M = 256  # from here on: dequantize, then cuBLAS (vLLM's AWQ path does the same for large batches)
+
+
+def w4a16(x: torch.Tensor, w: Int4Weight, bias=None) -> torch.Tensor:
+    """W4A16 chosen by M: :func:`w4a16_gemm` (split-K at decode sizes) below :data:`W4A16_DENSE_M` tokens, else the
+    weight dequantized to ``x.dtype`` (:func:`dequantize`) and a dense matmul (fp32 accumulation in cuBLAS)."""
+    if x.shape[0] < W4A16_DENSE_M:
+        return w4a16_gemm(x, w, bias)
+    return torch.nn.functional.linear(x, dequantize(w, x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 # ---- tiles: one config in the interpreter, autotuned on a GPU (docs/kernels.md, Tiles) ----------------------------
@@ -383,8 +544,30 @@ def _prune(configs, named_args, **_):
 
 
 INTERP = {"BM": BM, "BN": BN, "BK": 2 * PACK, "GROUP_M": 8}
-_W4A4_TUNED = _W4A16_TUNED = None
+INTERP_T = {"BN": 64, "BMT": 16, "BK": 2 * PACK, "GROUP_N": 8}  # Yᵀ = W Xᵀ: weight rows x tokens
+
+
+def _transposed_configs():
+    """``Yᵀ = W Xᵀ`` tiles for wgmma: the weight tile (the left operand) a multiple of 64 rows with 4 or 8 warps,
+    the token tile (wgmma's N) 16 to 128 wide."""
+    out = []
+    for bn, bmt, bk, w, st in ((64, 16, 256, 4, 4), (128, 16, 256, 8, 4), (64, 32, 256, 4, 4), (128, 32, 128, 8, 4),
+                               (128, 64, 128, 8, 3), (128, 128, 128, 8, 3), (256, 128, 128, 8, 3),
+                               (128, 256, 128, 8, 3)):
+        out.append(triton.Config({"BN": bn, "BMT": bmt, "BK": bk, "GROUP_N": 8}, num_warps=w, num_stages=st))
+    return out
+
+
+def _prune_t(configs, named_args, **_):
+    small = named_args["MB"] <= 32
+    keep = [c for c in configs if (c.kwargs["BMT"] <= 32) == small]
+    return keep or configs
+
+
+_W4A4_TUNED = _W4A16_TUNED = _W4A4T_TUNED = None
 if not triton.knobs.runtime.interpret:
+    _W4A4T_TUNED = triton.autotune(_transposed_configs(), key=["MB", "N", "K", "K_SPLIT"],
+                                   prune_configs_by={"early_config_prune": _prune_t})(_w4a4t_kernel)
     _ALL = _gpu_configs(True) + _gpu_configs(False)
     _W4A4_TUNED = triton.autotune(_ALL, key=["MB", "N", "K"], prune_configs_by={"early_config_prune": _prune})(
         _w4a4_kernel)
@@ -392,11 +575,13 @@ if not triton.knobs.runtime.interpret:
                                    prune_configs_by={"early_config_prune": _prune})(_w4a16_kernel)
 
 
-def _pick(kernel, tuned, config):
+def _pick(kernel, tuned, config, interp=None):
     """Explicit ``config``; else the autotuned kernel on a GPU unless ``QUANTBENCH_AUTOTUNE=0`` (tests: one
-    compile per kernel variant instead of one per config and shape); else :data:`INTERP`."""
+    compile per kernel variant instead of one per config and shape); else the interpreter's tiles (``interp``,
+    default :data:`INTERP`)."""
+    interp = INTERP if interp is None else interp
     if config is not None:
-        return kernel, dict(INTERP, **config)
+        return kernel, dict(interp, **config)
     if tuned is None or os.environ.get("QUANTBENCH_AUTOTUNE", "1") == "0":
-        return kernel, dict(INTERP)
+        return kernel, dict(interp)
     return tuned, {}

@@ -185,13 +185,72 @@ def test_w4a16_matches_dequantized_matmul_and_split_k_agrees(group, wgrid, m):
     qt = quantize(weight, spec)
     w = int4.int4_weight(qt)
     assert torch.equal(w.dequantize(), qt.dequantize())
-    y = K.w4a16_gemm(x, w)  # m = 1: split-K 4 (decode path); else one split
+    y = K.w4a16_gemm(x, w)  # split_for decides (K=256 is too short to split)
     ref = int4.ref_w4a16(x, w)
     assert rel(y, ref) < 1e-6 and rel(K.w4a16_gemm(x, w, split_k=2), ref) < 1e-6  # fp32 summation order only
 
 
 def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("wgrid,agrid", [("sym", "sym"), ("minmax", "minmax"), ("asym", "sym")])
+@pytest.mark.parametrize("m,split", [(1, None), (3, 3), (17, 1), (50, 2)])
+def test_transposed_w4a4_with_split_k_is_exact(wgrid, agrid, m, split):
+    """``Yᵀ = W Xᵀ`` (the unpacked weight as the dot's left operand), split-K included: the int32 accumulator equals
+    the int64 reference exactly, and the epilogue gives what the other kernel gives, bit for bit."""
+    n, k = 96, 384  # split ranges of 128 and 192: the second 128-wide K tile of a 192 range is masked at its end
+    g = torch.Generator().manual_seed(m)
+    w = int4.int4_weight(quantize(torch.randn(n, k, generator=g), QuantSpec(4, wgrid, "channel"))).to(DEV)
+    q, s, z, rs = K.rotate_quant(outliers(m, k, seed=m), QuantSpec(4, agrid, "token"))
+    bias = torch.randn(n, generator=g).to(DEV)
+    assert torch.equal(K.w4a4_gemm_t(q, s, z, rs, w, return_acc=True, split_k=split), int4.ref_w4a4_acc(q, w))
+    y = K.w4a4_gemm_t(q, s, z, rs, w, bias, split_k=split)
+    assert torch.equal(y, K.w4a4_gemm(q, s, z, rs, w, bias)) if DEV == "cpu" else rel(y, K.w4a4_gemm(q, s, z, rs, w,
+                                                                                                   bias)) < 1e-6
+
+
+def test_split_k_fills_the_machine_only_at_small_m():
+    assert K.split_for(2048, 4, 4096, "cpu") == 1
+    assert K.split_for(1, 1, 4096, "cpu") == 8 and K.split_for(1, 8, 4096, "cpu") == 1
+    assert K.split_for(1, 1, 256, "cpu") == 1  # too short to split: each split keeps at least four 64-blocks
+    assert K.split_for(1, 1, 11008, "cpu") == 4  # 11008 = 4 x 43 x 64: no 64-aligned split into 8
+
+
+@pytest.mark.parametrize("wgrid,agrid,abits", [("sym", "sym", 4), ("minmax", "minmax", 4), ("asym", "asym", 5)])
+def test_fp8_path_has_the_exact_integer_accumulator(wgrid, agrid, abits):
+    """Codes of at most 16 in magnitude are exact in e4m3 and their fp32 sums exact below 2^24: ``_scaled_mm``
+    gives the int64 reference's accumulator (the CPU runs it too), the epilogue the reference's values to fp32
+    rounding."""
+    from quantbench.backends import fp8_gemm
+
+    n, k, m = 80, 4096, 9
+    g = torch.Generator().manual_seed(abits)
+    w = int4.int4_weight(quantize(torch.randn(n, k, generator=g), QuantSpec(4, wgrid, "channel"))).to(DEV)
+    q, s, z, rs = int4.ref_rotate_quant(outliers(m, k, seed=3).cpu(), QuantSpec(abits, agrid, "token"))
+    q, s, rs, z = q.to(DEV), s.to(DEV), rs.to(DEV), None if z is None else z.to(DEV)
+    w8 = fp8_gemm.fp8_weight(w)
+    assert torch.equal(fp8_gemm.w4a4_fp8(q, s, z, rs, w, w8, return_acc=True), int4.ref_w4a4_acc(q, w))
+    bias = torch.randn(n, generator=g).to(DEV)
+    assert rel(fp8_gemm.w4a4_fp8(q, s, z, rs, w, w8, bias), int4.ref_w4a4(q, s, z, rs, w, bias)) < 1e-6
+    assert fp8_gemm.eligible(QuantSpec(5, agrid, "token"), k) and not fp8_gemm.eligible(QuantSpec(6), k)
+    with pytest.raises(ConfigError, match="at most 5 bits"):  # 17 would round to 16 in e4m3
+        fp8_gemm.w4a4_fp8(torch.full((1, k), 17, dtype=torch.int8, device=DEV), s[:1], None, rs[:1], w, w8)
+
+
+@pytest.mark.parametrize("group,wgrid", [(0, "sym"), (64, "minmax"), (128, "asym")])
+def test_w4a16_dispatch_dequantizes_exactly_above_its_threshold(group, wgrid):
+    """``dequantize`` equals :meth:`Int4Weight.dequantize` bit for bit (fp32; fp16 after the same rounding), and
+    ``w4a16`` takes the dense path from ``W4A16_DENSE_M`` tokens on: both sides agree with the reference."""
+    g = torch.Generator().manual_seed(group)
+    spec = QuantSpec(4, wgrid, "group" if group else "channel", group_size=group)
+    w = int4.int4_weight(quantize(torch.randn(96, 256, generator=g), spec)).to(DEV)
+    assert torch.equal(K.dequantize(w), w.dequantize()) and torch.equal(K.dequantize(w, torch.float16),
+                                                                        w.dequantize().half())
+    bias = torch.randn(96, generator=g).to(DEV)
+    for m in (1, K.W4A16_DENSE_M):
+        x = torch.randn(m, 256, generator=g).to(DEV)
+        assert rel(K.w4a16(x, w, bias), int4.ref_w4a16(x, w, bias)) < 1e-6
 
 
 def test_unsupported_shapes_and_specs_are_clear_errors():
@@ -225,7 +284,8 @@ def test_speed_bench_code_runs_in_the_interpreter():
     spec.loader.exec_module(mod)
     got = mod.cases(128, 256, 4, DEV, torch.float16)
     assert {"bf16 matmul", "w4a4 gemm", "rotate_quant (128-block rotation)", "w4a4 + rotate_quant",
-            "w4a4 + DuQuant R1-perm-R2", "w4a16 g128"} <= set(got)
+            "w4a4 + DuQuant R1-perm-R2", "w4a16 g128", "w4a4 gemm (Yt = W Xt, split-K)", "w4a4 fp8 exact (_scaled_mm)",
+            "w4a16 g128 (dispatch: dequant + cuBLAS from M=256)"} <= set(got)
     outs = {name: fn() for name, (fn, _) in got.items()}
     assert all(o.shape in ((4, 128), (4, 256)) and torch.isfinite(o.float()).all() for o in outs.values())
     r = mod.row("o", 4096, 4096, 2048, "w4a4 gemm", 0.1, "int8", 0.2)
@@ -287,6 +347,21 @@ def test_triton_backend_agrees_with_fake_quant_end_to_end(method, scheme, ids):
         assert len(fused) == len(lins) and all("dst" in x.mix and x.rotation is not None for x in lins.values())
     if method == "quarot":  # the online Hadamards of o_proj and down_proj inputs
         assert {n.rsplit(".", 1)[-1] for n, x in lins.items() if x.mix is not None} == {"o_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("path", ["int8t", "fp8"])
+def test_every_w4a4_path_runs_the_backend_like_fake_quant(path, ids, monkeypatch):
+    """``QUANTBENCH_W4A4`` forces a path (on a GPU each shape otherwise takes the fastest, measured once): the
+    transposed split-K kernel and the FP8 path agree with the fake-quant backend as the default path does."""
+    monkeypatch.setenv("QUANTBENCH_W4A4", path)
+    ref = logits(_realized("rtn", "w4a4", "fake_quant"), ids)
+    assert rel(logits(_realized("rtn", "w4a4", "triton", DEV), ids.to(DEV)).cpu(), ref) < 1e-4
+    monkeypatch.setenv("QUANTBENCH_W4A4", "fp16")
+    with pytest.raises(ConfigError, match="choose one of int8, int8t, fp8"):
+        logits(_realized("rtn", "w4a4", "triton", DEV), ids.to(DEV))
+    monkeypatch.setenv("QUANTBENCH_W4A4", "fp8")
+    with pytest.raises(ConfigError, match="not exact on the FP8 path"):
+        logits(_realized("rtn", "w4a6", "triton", DEV), ids.to(DEV))
 
 
 def test_triton_backend_refuses_plans_it_cannot_run():
