@@ -537,10 +537,14 @@ def _gpu_configs(small_m: bool, wide: bool = False):
     return cfg
 
 
-def _prune(configs, named_args, **_):
-    small = named_args["MB"] <= 32
-    keep = [c for c in configs if (c.kwargs["BM"] <= 32) == small]
-    return keep or configs
+def _pruner(m_tile: str):
+    """Early config pruning: a small-M bucket (``MB <= 32``) keeps the tiles whose token side ``m_tile`` is at most
+    32, a large one the others."""
+    def prune(configs, named_args, **_):
+        small = named_args["MB"] <= 32
+        keep = [c for c in configs if (c.kwargs[m_tile] <= 32) == small]
+        return keep or configs
+    return prune
 
 
 INTERP = {"BM": BM, "BN": BN, "BK": 2 * PACK, "GROUP_M": 8}
@@ -558,21 +562,15 @@ def _transposed_configs():
     return out
 
 
-def _prune_t(configs, named_args, **_):
-    small = named_args["MB"] <= 32
-    keep = [c for c in configs if (c.kwargs["BMT"] <= 32) == small]
-    return keep or configs
-
-
 _W4A4_TUNED = _W4A16_TUNED = _W4A4T_TUNED = None
 if not triton.knobs.runtime.interpret:
     _W4A4T_TUNED = triton.autotune(_transposed_configs(), key=["MB", "N", "K", "K_SPLIT"],
-                                   prune_configs_by={"early_config_prune": _prune_t})(_w4a4t_kernel)
+                                   prune_configs_by={"early_config_prune": _pruner("BMT")})(_w4a4t_kernel)
     _ALL = _gpu_configs(True) + _gpu_configs(False)
-    _W4A4_TUNED = triton.autotune(_ALL, key=["MB", "N", "K"], prune_configs_by={"early_config_prune": _prune})(
-        _w4a4_kernel)
+    _W4A4_TUNED = triton.autotune(_ALL, key=["MB", "N", "K"],
+                                  prune_configs_by={"early_config_prune": _pruner("BM")})(_w4a4_kernel)
     _W4A16_TUNED = triton.autotune(_gpu_configs(True, True) + _gpu_configs(False, True), key=["MB", "N", "K", "K_SPLIT"],
-                                   prune_configs_by={"early_config_prune": _prune})(_w4a16_kernel)
+                                   prune_configs_by={"early_config_prune": _pruner("BM")})(_w4a16_kernel)
 
 
 def _pick(kernel, tuned, config, interp=None):

@@ -320,3 +320,17 @@ def test_export_round_trip_is_exact(name, tmp_path, ids):
                                                  attn_implementation="eager" if "bloom" in name else "sdpa")
     assert torch.equal(logits(plain, ids), ref)
     assert torch.equal(logits(quantbench.quantize(str(tmp_path / "ct"), "load", "headline").realize(), ids), ref)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_triton_backend_runs_layernorm_models_like_fake_quant(name, ids):
+    """The INT4 kernels (interpreter on CPU) on OPT/BLOOM linears, biases included, DuQuant's online smoothing on
+    BLOOM fused into the kernels' first stage: the same logits as the fake-quant backend."""
+    pytest.importorskip("triton")
+    out = {}
+    for backend in ("fake_quant", "triton"):
+        lm = _lm(name, dtype=torch.float32)
+        qm = quantbench.quantize(lm.model, "duquant", "w4a4", tokenizer=lm.tokenizer, steps=4,
+                                 calibration={"corpus": "austen", "nsamples": 2, "seqlen": 64})
+        out[backend] = logits(qm.realize(backend), ids)
+    assert ((out["triton"] - out["fake_quant"]).abs().max() / out["fake_quant"].abs().max()).item() < 1e-5
