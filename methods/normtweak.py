@@ -55,7 +55,7 @@ class NormTweak(Method):
 
         def step(ctx: BlockContext) -> dict:
             with torch.no_grad():  # FP target: the FP block on the current input (before quantizing)
-                targets = [_out(y) for y in ctx.forward()]
+                targets = ctx.forward()
             if scheme.w:
                 base.quantize_block(qm, scheme.w, ctx)
             losses[ctx.index] = self._tweak(qm, ctx, targets, nt.lr_for(ctx.index, nblocks, lr0, scale))
@@ -69,7 +69,7 @@ class NormTweak(Method):
                 qm.linears[n].weight = QTensor.from_state(d, next(ctx.block.parameters()).device) if d else None
             losses[ctx.index] = saved["loss"]
             with quantized_block(qm, ctx.index, ctx.block), torch.no_grad():
-                ctx.outputs = [_out(y) for y in ctx.forward()]
+                ctx.outputs = ctx.forward()
 
         with online_view(qm):
             done = run_blocks(qm, calib.windows, step, restore, key=key, tag=self.name, device=self.device)
@@ -99,7 +99,7 @@ class NormTweak(Method):
 
                 def loss_at(j):
                     x = ctx.inputs[j].float() if wide else ctx.inputs[j]
-                    return nt.channel_loss(_out(block(x, **kw32)), targets[j], kind)
+                    return nt.channel_loss(ctx.apply(x, kw32), targets[j], kind)
 
                 with torch.enable_grad():
                     info = train([{"params": params, "lr": lr}], loss_at, len(ctx.inputs), self.opts["nt_epochs"],
@@ -107,15 +107,11 @@ class NormTweak(Method):
                 if wide:
                     block.to(dtype)
                 with torch.no_grad():
-                    ctx.outputs = [_out(y) for y in ctx.forward()]
+                    ctx.outputs = ctx.forward()
         finally:
             for p in frozen:
                 p.requires_grad_(True)
         return info["loss"][-1] if info["loss"] else None
-
-
-def _out(y):
-    return y[0] if isinstance(y, tuple) else y
 
 
 def _cast(v, dtype):
