@@ -238,7 +238,7 @@ def paper_tables(records: list[dict], models: list[str] | None = None) -> list[s
         rows: dict[tuple, dict] = {}
         notes: list[str] = []
         for v in vals:
-            row = rows.setdefault((v.method, v.scheme, v.source), {})
+            row = rows.setdefault((v.method, v.scheme, f"{v.source} · {v.setting}" if v.setting else v.source), {})
             mine = sorted((r for r in records if (r["model"], r["method"], r["scheme"], r["task"], r["metric"])
                            == v.key), key=lambda r: (r["protocol"] != v.protocol, bool(r.get("method_options"))))
             ours = ""

@@ -64,11 +64,11 @@ def test_every_reproduction_card_is_a_valid_bench_command(card, monkeypatch):
 
 
 def test_paper_values_are_unique_per_cell_and_keep_the_inconsistencies_out():
-    keys = [(v.key, v.source) for v in papers.VALUES]
+    keys = [(v.key, v.source, v.setting) for v in papers.VALUES]
     assert len(keys) == len(set(keys))
     cells = {}
     for v in papers.VALUES:  # the same cell in two tables must agree (else it belongs in INCONSISTENT)
-        assert cells.setdefault((v.key, v.protocol, v.grids), v.value) == v.value, v
+        assert cells.setdefault((v.key, v.protocol, v.grids, v.setting), v.value) == v.value, v
     assert not papers.lookup("llama-3-8b", "duquant", "w4a4q4kv4", "ppl-wikitext2", "ppl")[0].value == 8.53
     assert papers.lookup("llama-2-7b", "duquant", "w4a4q4kv4", "ppl-c4", "ppl")[0].value == 7.90
 
@@ -89,6 +89,19 @@ def test_paper_columns_compare_only_the_same_protocol_and_grids():
     assert "≠ duquant w4a4q4kv4 ppl-c4: ours `ppl/gptq/c4-validation/omniquant-seed0" in text
     assert "9.90 ≠" in text and "paper grids w=asym, a=asym" in text  # QuaRot in DuQuant's asymmetric setting
     assert leaderboard.paper_tables(recs, ["smollm2-135m"]) == []  # no paper numbers for the offline model
+
+
+def test_opt_and_bloom_paper_rows_compare_ours_and_keep_smoothquant_levels_apart():
+    recs = [_record("opt-125m", "omniquant", "w4a16", "ppl-wikitext2", 29.95, papers.WIKI),
+            _record("opt-125m", "omniquant", "w4a16", "ppl-c4", 26.0, papers.C4["duquant-seed20"])]
+    text = "\n".join(leaderboard.paper_tables(recs, ["opt-125m", "bloom-176b"]))
+    row = next(line for line in text.splitlines() if line.startswith("| omniquant ") and "| w4a16 " in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:6] == ["29.45", "29.95 (+0.50)", "26.36", "26.00 ≠"]  # C4: another subset, not compared
+    levels = [line for line in text.splitlines() if line.startswith("| smoothquant ") and "Table 4" in line]
+    assert len(levels) == 3 and any("O3: per-tensor W, per-tensor static A" in line and "67.40" in line
+                                    for line in levels)
+    assert papers.lookup("opt-13b", "fp16", "w16a16", "ppl-wikitext2", "ppl")[0].value == 10.12  # A20, not A25
 
 
 def test_regression_compare_flags_moves_either_way_missing_baselines_and_failed_runs():
