@@ -17,6 +17,7 @@ W4A4: ``acc[m, n] = sum_k qx'[m, k] * qw'[n, k]`` (int32), then
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -74,6 +75,16 @@ class Int4Weight:
 
     def codes(self) -> torch.Tensor:
         return unpack_int4(self.packed)
+
+    @cached_property
+    def scale_gm(self) -> torch.Tensor:
+        """The scales group-major, fp32 ``[G, N]`` (made once): a decode kernel's ``BN`` rows of one group are one
+        contiguous load."""
+        return self.scale.t().contiguous()
+
+    @cached_property
+    def zero_gm(self) -> torch.Tensor | None:
+        return None if self.zero is None else self.zero.t().contiguous()
 
     def dequantize(self) -> torch.Tensor:
         """fp32 ``[N, K]``, equal to :meth:`QTensor.dequantize` (``(q' - z') * s`` = ``(q - z) * s``)."""

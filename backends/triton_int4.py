@@ -3,8 +3,10 @@
 Per planned linear (weights of at most 4 bits, K a multiple of 64):
 
 * activations quantized per token (at most 8 bits): the plan's online transform is fused (:func:`fuse`, by the
-  transform's type) into ``block_mix`` (stage 1: smoothing division, block-mixing factor, rotation ``R1``,
-  permutation scatter) and ``rotate_quant`` (stage 2: the trailing block rotation and the quantization):
+  transform's type) with the quantization into one pass, ``transform_quant`` (the row held whole: smoothing
+  division, block-mixing factor, rotation ``R1``, permutation gather, the trailing block rotation, quantization),
+  or where a row is wider than that kernel holds (``onepass_fits``), two stages: ``block_mix`` then
+  ``rotate_quant``. The transforms fused:
   DuQuant's ``[Scale] R1 -> perm -> R2`` (:class:`~quantbench.transforms.DuQuantRotation`), QuaRot's online
   Hadamard of any size ``K * 2^m`` (``H_K ⊗ H_2^m = (H_K ⊗ H_2^m/b) ⊗ H_b``) and its head Hadamard
   (``H_heads ⊗ I``); a transform with no fused kernel runs in PyTorch before the kernels, exactly as in the
@@ -12,8 +14,8 @@ Per planned linear (weights of at most 4 bits, K a multiple of 64):
   (per-channel weights) with the zero-point epilogue, or its ``Yᵀ = W Xᵀ`` split-K twin ``w4a4_gemm_t``, or the exact
   FP8 path (:mod:`quantbench.backends.fp8_gemm`, activations of at most 5 bits): on a GPU the fastest, measured
   once per shape (:func:`choose_w4a4`; ``QUANTBENCH_W4A4`` forces one);
-* activations in floating point: ``w4a16`` (per-channel or grouped weights): the split-K kernel at decode sizes,
-  the weight dequantized to the activations' dtype and a cuBLAS matmul from ``M = 256`` on.
+* activations in floating point: ``w4a16`` (per-channel or grouped weights): the decode GEMV up to 16 tokens, the
+  tiled kernel below 256, the weight dequantized to the activations' dtype and a cuBLAS matmul from ``M = 256`` on.
 
 Attention (Q/K/V quantization) runs as in the fake-quant backend: these kernels cover the linears. A plan the kernels
 cannot run (weights above 4 bits, grouped weights with quantized activations, K not a multiple of 64) is an error
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 
 from quantbench.backends import fp8_gemm
-from quantbench.backends.int4 import Int4Weight, int4_weight
+from quantbench.backends.int4 import PACK, Int4Weight, int4_weight
 from quantbench import hadamard
 from quantbench.errors import ConfigError
 from quantbench.plan import LinearPlan, QuantizedModel
@@ -170,7 +172,7 @@ class TritonLinear(nn.Module):
         self.bias = linear.bias
         self.act = plan.act
         pre = list(plan.pre)
-        self.rotation, self.mix = None, None
+        self.rotation, self.mix, self.onepass = None, None, None
         self.k = kernels()
         if self.act is not None:
             if self.act.granularity != "token" or self.act.bits > 8:
@@ -179,16 +181,23 @@ class TritonLinear(nn.Module):
             if self.w.group_size:
                 raise ConfigError(f"{name}: W4A4 needs per-channel weights, not groups of {self.w.group_size}")
             pre, self.mix, self.rotation = fuse(pre)
+            dev = linear.weight.device
             if self.mix is not None:
-                if "perm" in self.mix:  # the scatter's destinations, once
-                    self.mix["dst"] = torch.argsort(self.mix.pop("perm")).to(torch.int32)
                 if "left" in self.mix:  # padded to the kernel's tile once, not per call
                     self.mix["left"] = self.k.pad_left(self.mix["left"].float(), self.in_features // self.mix["block"])
                 if "rotation" in self.mix:
                     self.mix["rotation"] = self.mix["rotation"].float().contiguous()
-                self.mix = {k: (v.to(linear.weight.device) if torch.is_tensor(v) else v) for k, v in self.mix.items()}
+                if "perm" in self.mix:
+                    self.mix["perm"] = self.mix["perm"].to(torch.int32)
+                self.mix = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in self.mix.items()}
             if self.rotation is not None:
-                self.rotation = self.rotation.to(linear.weight.device)
+                self.rotation = self.rotation.to(dev)
+            block = self.mix["block"] if self.mix else (self.rotation.shape[0] if self.rotation is not None else PACK)
+            # one pass (x read once) where a row fits the kernel; else stage 1 (block_mix) and stage 2 (rotate_quant)
+            self.onepass = {**(self.mix or {}), "block": block, "rotation2": self.rotation} \
+                if self.k.onepass_fits(self.in_features, block) else None
+            if self.onepass is None and self.mix is not None and "perm" in self.mix:  # the scatter's destinations
+                self.mix["dst"] = torch.argsort(self.mix.pop("perm").long()).to(torch.int32)
         self.pre = nn.Sequential(*pre)
         self.fp8_ok = fp8_gemm.eligible(self.act, self.in_features) and fp8_capable(linear.weight.device)
         self._w8 = None  # the FP8 path's weight, made on its first use
@@ -208,9 +217,12 @@ class TritonLinear(nn.Module):
         if self.act is None:
             y = self.k.w4a16(x2, self.w, self.bias)
         else:
-            if self.mix is not None:
-                x2 = self.k.block_mix(x2, **self.mix)
-            q, s, z, rs = self.k.rotate_quant(x2, self.act, self.rotation)
+            if self.onepass is not None:
+                q, s, z, rs = self.k.transform_quant(x2, self.act, **self.onepass)
+            else:
+                if self.mix is not None:
+                    x2 = self.k.block_mix(x2, **self.mix)
+                q, s, z, rs = self.k.rotate_quant(x2, self.act, self.rotation)
             y = self.gemm(choose_w4a4(self, x2.shape[0]), q, s, z, rs, x.dtype)
         return y.reshape(*shape[:-1], self.out_features)
 
@@ -218,9 +230,12 @@ class TritonLinear(nn.Module):
         act = f"a{self.act.bits}-{self.act.grid}" if self.act else "a16"
         fused = ""
         if self.mix is not None:
-            fused += ", fused stage 1: " + "+".join(k for k in ("scale", "left", "rotation", "dst") if k in self.mix)
+            fused += ", fused stage 1: " + "+".join(k for k in ("scale", "left", "rotation", "perm", "dst")
+                                                    if k in self.mix)
         if self.rotation is not None:
             fused += f", fused rotation {self.rotation.shape[0]}"
+        if self.act is not None:
+            fused += ", one pass" if self.onepass is not None else ", two stages"
         if len(self.pre):
             fused += f", in torch first: {[type(t).__name__ for t in self.pre]}"
         return f"{self.in_features}, {self.out_features}, w{self.w.spec.bits}-{self.w.spec.grid}, {act}{fused}"

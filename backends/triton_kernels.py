@@ -48,6 +48,41 @@ def _block(x_ptr, r, rows, row_mask, k0, stride_xm, B: tl.constexpr, HAS_R: tl.c
 
 
 @triton.jit
+def _qparams(lo, hi, clip, QMIN: tl.constexpr, QMAX: tl.constexpr, SHIFT: tl.constexpr, GRID: tl.constexpr,
+             SMIN: tl.constexpr, SMAX: tl.constexpr):
+    """Per-row scale and zero point from the rows' min/max, exactly as ``quant.qparams`` for each grid."""
+    lo = lo * clip
+    hi = hi * clip
+    zero = tl.zeros(lo.shape, tl.float32)
+    if GRID == 0:  # sym (QuaRot): all-zero rows get scale 1
+        amax = tl.maximum(tl.abs(lo), hi)
+        scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, tl.full(lo.shape, QMAX, tl.float32)))
+    elif GRID == 1:  # sym_pm (SmoothQuant)
+        amax = tl.maximum(tl.maximum(tl.abs(lo), tl.abs(hi)), SMIN)
+        scale = tl.math.div_rn(amax, tl.full(lo.shape, QMAX, tl.float32))
+    elif GRID == 2:  # asym (QuaRot): zero forced into range
+        lo = tl.minimum(lo, 0.0)
+        hi = tl.maximum(hi, 0.0)
+        both0 = (lo == 0.0) & (hi == 0.0)
+        lo = tl.where(both0, -1.0, lo)
+        hi = tl.where(both0, 1.0, hi)
+        scale = tl.math.div_rn(hi - lo, tl.full(lo.shape, QMAX, tl.float32))
+        zero = _rne(tl.math.div_rn(-lo, scale))
+    elif GRID == 3:  # minmax (DuQuant/OmniQuant)
+        scale = tl.minimum(tl.maximum(tl.math.div_rn(hi - lo, tl.full(lo.shape, QMAX, tl.float32)), SMIN), SMAX)
+        zero = _rne(tl.minimum(tl.maximum(tl.math.div_rn(-lo, scale), -SMAX), SMAX))
+    elif GRID == 4:  # minmax_sym
+        amax = tl.maximum(tl.abs(lo), tl.abs(hi))
+        scale = tl.minimum(tl.maximum(tl.math.div_rn(amax, tl.full(lo.shape, SHIFT - 1.0, tl.float32)), SMIN), SMAX)
+        zero = tl.full(lo.shape, SHIFT - 1.0, tl.float32)
+    else:  # sym_ct (compressed-tensors): absmax / ((QMAX - QMIN) / 2), an all-zero row gets fp32 eps
+        amax = tl.maximum(tl.abs(lo), tl.abs(hi))
+        scale = tl.math.div_rn(amax, tl.full(lo.shape, (QMAX - QMIN) / 2.0, tl.float32))
+        scale = tl.where(scale == 0.0, 1.1920928955078125e-07, scale)
+    return scale, zero
+
+
+@triton.jit
 def _rotate_quant_kernel(x_ptr, r_ptr, q_ptr, s_ptr, z_ptr, sum_ptr, M, K, stride_xm, clip,
                          QMIN: tl.constexpr, QMAX: tl.constexpr, SHIFT: tl.constexpr, GRID: tl.constexpr,
                          SMIN: tl.constexpr, SMAX: tl.constexpr, B: tl.constexpr, BM: tl.constexpr,
@@ -68,34 +103,7 @@ def _rotate_quant_kernel(x_ptr, r_ptr, q_ptr, s_ptr, z_ptr, sum_ptr, M, K, strid
         y = _block(x_ptr, r, rows, row_mask, k0, stride_xm, B, HAS_R)
         lo = tl.minimum(lo, tl.min(y, axis=1))
         hi = tl.maximum(hi, tl.max(y, axis=1))
-    lo = lo * clip
-    hi = hi * clip
-    zero = tl.zeros((BM,), tl.float32)
-    if GRID == 0:  # sym (QuaRot): all-zero rows get scale 1
-        amax = tl.maximum(tl.abs(lo), hi)
-        scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, tl.full((BM,), QMAX, tl.float32)))
-    elif GRID == 1:  # sym_pm (SmoothQuant)
-        amax = tl.maximum(tl.maximum(tl.abs(lo), tl.abs(hi)), SMIN)
-        scale = tl.math.div_rn(amax, tl.full((BM,), QMAX, tl.float32))
-    elif GRID == 2:  # asym (QuaRot): zero forced into range
-        lo = tl.minimum(lo, 0.0)
-        hi = tl.maximum(hi, 0.0)
-        both0 = (lo == 0.0) & (hi == 0.0)
-        lo = tl.where(both0, -1.0, lo)
-        hi = tl.where(both0, 1.0, hi)
-        scale = tl.math.div_rn(hi - lo, tl.full((BM,), QMAX, tl.float32))
-        zero = _rne(tl.math.div_rn(-lo, scale))
-    elif GRID == 3:  # minmax (DuQuant/OmniQuant)
-        scale = tl.minimum(tl.maximum(tl.math.div_rn(hi - lo, tl.full((BM,), QMAX, tl.float32)), SMIN), SMAX)
-        zero = _rne(tl.minimum(tl.maximum(tl.math.div_rn(-lo, scale), -SMAX), SMAX))
-    elif GRID == 4:  # minmax_sym
-        amax = tl.maximum(tl.abs(lo), tl.abs(hi))
-        scale = tl.minimum(tl.maximum(tl.math.div_rn(amax, tl.full((BM,), SHIFT - 1.0, tl.float32)), SMIN), SMAX)
-        zero = tl.full((BM,), SHIFT - 1.0, tl.float32)
-    else:  # sym_ct (compressed-tensors): absmax / ((QMAX - QMIN) / 2), an all-zero row gets fp32 eps
-        amax = tl.maximum(tl.abs(lo), tl.abs(hi))
-        scale = tl.math.div_rn(amax, tl.full((BM,), (QMAX - QMIN) / 2.0, tl.float32))
-        scale = tl.where(scale == 0.0, 1.1920928955078125e-07, scale)
+    scale, zero = _qparams(lo, hi, clip, QMIN, QMAX, SHIFT, GRID, SMIN, SMAX)
     total = tl.zeros((BM,), tl.int32)
     for k0 in range(0, K, B):
         y = _block(x_ptr, r, rows, row_mask, k0, stride_xm, B, HAS_R)
@@ -129,6 +137,107 @@ def rotate_quant(x: torch.Tensor, spec: QuantSpec, rotation: torch.Tensor | None
     _rotate_quant_kernel[(triton.cdiv(m, block_m),)](
         x, r, q, s, z, rs, m, k, x.stride(0), float(spec.clip_ratio), QMIN=qmin, QMAX=qmax, SHIFT=shift_of(spec),
         GRID=GRID_IDS[spec.grid], SMIN=SCALE_MIN, SMAX=SCALE_MAX, B=b, BM=block_m, HAS_R=rotation is not None)
+    return q, s, (None if spec.signed else z), rs
+
+
+@triton.jit
+def _transform_quant_kernel(x_ptr, s_ptr, l_ptr, r1_ptr, src_ptr, r2_ptr, q_ptr, sc_ptr, z_ptr, sum_ptr, M, K, NB,
+                            ROWS, stride_xm, clip, QMIN: tl.constexpr, QMAX: tl.constexpr, SHIFT: tl.constexpr,
+                            GRID: tl.constexpr, SMIN: tl.constexpr, SMAX: tl.constexpr, HAS_S: tl.constexpr,
+                            HAS_L: tl.constexpr, HAS_R1: tl.constexpr, HAS_P: tl.constexpr, HAS_R2: tl.constexpr,
+                            P: tl.constexpr, NBP: tl.constexpr):
+    """One pass per row: the row held whole as ``X [NB, P]`` (``NB`` blocks of ``P`` channels, padded to ``NBP``),
+    ``X / s``, ``Lᵀ X`` (blocks mixed: the Hadamard's ``H_K`` factor, a head Hadamard), ``X R1`` (a batched dot:
+    every block by the same rotation), the permutation as an in-program gather (``y[c] = y[perm[c]]``), ``X R2``,
+    then the row's min/max, scale and zero (:func:`_qparams`) and the codes from registers: one read of ``x``, one
+    write of the codes. The program takes ``ROWS`` consecutive rows; its transform operands are loaded once."""
+    a = tl.arange(0, NBP)
+    j = tl.arange(0, P)
+    cols = a[:, None] * P + j[None, :]
+    valid = (a < NB)[:, None] & (j < P)[None, :]
+    if HAS_S:
+        sv = tl.load(s_ptr + cols, mask=valid, other=1.0)
+    if HAS_L:
+        lt = tl.load(l_ptr + a[None, :] * NBP + a[:, None])  # Lᵀ[c, a], zero-padded to NBP
+    if HAS_R1:
+        r1 = tl.load(r1_ptr + j[:, None] * P + j[None, :])
+    if HAS_P:
+        src = tl.reshape(tl.load(src_ptr + cols, mask=valid, other=0), [NBP * P])
+    if HAS_R2:
+        r2 = tl.load(r2_ptr + j[:, None] * P + j[None, :])
+    for i in range(ROWS):
+        row = tl.program_id(0) * ROWS + i
+        ok = valid & ((cols * 0 + row) < M)
+        y = tl.load(x_ptr + row * stride_xm + cols, mask=ok, other=0.0).to(tl.float32)
+        if HAS_S:
+            y = tl.math.div_rn(y, sv)
+        if HAS_L:
+            y = tl.dot(lt, y, input_precision=ROT_PREC)
+        if HAS_R1:
+            y = tl.dot(y, r1, input_precision=ROT_PREC)
+        if HAS_P:
+            y = tl.reshape(tl.gather(tl.reshape(y, [NBP * P]), src, 0), [NBP, P])
+        if HAS_R2:
+            y = tl.dot(y, r2, input_precision=ROT_PREC)
+        flat = tl.reshape(y, [1, NBP * P])
+        vflat = tl.reshape(valid, [1, NBP * P])
+        lo = tl.min(tl.where(vflat, flat, float("inf")), axis=1)
+        hi = tl.max(tl.where(vflat, flat, float("-inf")), axis=1)
+        scale, zero = _qparams(lo, hi, clip, QMIN, QMAX, SHIFT, GRID, SMIN, SMAX)
+        q = _rne(tl.math.div_rn(flat, scale[:, None])) + zero[:, None]
+        qi = (tl.minimum(tl.maximum(q, QMIN), QMAX) - SHIFT).to(tl.int32)
+        tl.store(q_ptr + row * K + tl.reshape(cols, [1, NBP * P]), qi.to(tl.int8), mask=tl.reshape(ok, [1, NBP * P]))
+        one = tl.arange(0, 1)
+        tl.store(sc_ptr + row + one, scale, mask=(row + one) < M)
+        tl.store(z_ptr + row + one, zero - SHIFT, mask=(row + one) < M)
+        tl.store(sum_ptr + row + one, tl.sum(tl.where(vflat, qi, 0), axis=1), mask=(row + one) < M)
+
+
+ONEPASS_MAX_K = 16384  # the one-pass kernel holds a row whole: up to this padded width (LLaMA-2-7B's 11008 -> 16384)
+
+
+def onepass_fits(k: int, block: int) -> bool:
+    """Whether :func:`transform_quant` takes rows of ``k`` channels in blocks of ``block`` (else the two stages)."""
+    return k % block == 0 and max(16, triton.next_power_of_2(k // block)) * block <= ONEPASS_MAX_K
+
+
+def transform_quant(x: torch.Tensor, spec: QuantSpec, block: int = PACK, scale=None, left=None, rotation=None,
+                    perm=None, rotation2=None, rows: int | None = None):
+    """:func:`block_mix` (``scale``, ``left``, ``rotation``, ``perm``; same meanings) then :func:`rotate_quant` with
+    ``rotation2``, in one kernel (:func:`_transform_quant_kernel`): the same codes, scales, zero points and row sums,
+    with ``x`` read once. ``left`` may come padded (:func:`pad_left`); ``rows`` per program default: enough programs
+    for about two waves of :func:`_programs_wanted`."""
+    if spec.granularity != "token" or spec.bits > 8:
+        raise ConfigError(f"transform_quant quantizes per token to at most 8 bits, not {spec.granularity}/{spec.bits}")
+    m, k = x.shape
+    b = block
+    if b < 16 or b & (b - 1) or not onepass_fits(k, b):
+        raise ConfigError(f"transform_quant needs a power-of-two block >= 16 dividing K={k} and a padded row of at "
+                          f"most {ONEPASS_MAX_K} (block {b}): use block_mix + rotate_quant")
+    for name, r in (("rotation", rotation), ("rotation2", rotation2)):
+        if r is not None and r.shape != (b, b):
+            raise ConfigError(f"transform_quant: {name} must be {b}x{b}, got {tuple(r.shape)}")
+    nb = k // b
+    nbp = max(16, triton.next_power_of_2(nb))
+    dev = x.device
+    x = x.contiguous()
+    lp = None
+    if left is not None:
+        lp = left if left.shape == (nbp, nbp) and left.dtype == torch.float32 else pad_left(left, nb).to(dev)
+    q = torch.empty(m, k, dtype=torch.int8, device=dev)
+    s = torch.empty(m, dtype=torch.float32, device=dev)
+    z = torch.empty(m, dtype=torch.float32, device=dev)
+    rs = torch.empty(m, dtype=torch.int32, device=dev)
+    rows = rows or max(1, triton.cdiv(m, 2 * _programs_wanted(dev)))
+    f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    ops = [f32(scale), lp, f32(rotation), None if perm is None else perm.to(dev, torch.int32).contiguous(),
+           f32(rotation2)]
+    qmin, qmax = spec.qrange
+    _transform_quant_kernel[(triton.cdiv(m, rows),)](
+        x, *(x if t is None else t for t in ops), q, s, z, rs, m, k, nb, rows, x.stride(0), float(spec.clip_ratio),
+        QMIN=qmin, QMAX=qmax, SHIFT=shift_of(spec), GRID=GRID_IDS[spec.grid], SMIN=SCALE_MIN, SMAX=SCALE_MAX,
+        HAS_S=scale is not None, HAS_L=left is not None, HAS_R1=rotation is not None, HAS_P=perm is not None,
+        HAS_R2=rotation2 is not None, P=b, NBP=nbp)
     return q, s, (None if spec.signed else z), rs
 
 
@@ -410,11 +519,39 @@ def w4a4_gemm_t(xq, sx, zx, rowsum, w: Int4Weight, bias=None, out_dtype=torch.fl
 
 
 @triton.jit
+def _nibbles(p):
+    """Signed codes of a byte's two nibbles as fp32, by the magic number: ``(u ^ 8) | 0x6400`` is the fp16
+    ``1024 + (u ^ 8)`` (exact), and ``(u ^ 8) - 8`` is the 4-bit two's complement ``u`` — no integer-to-float
+    conversion, two bit operations and a subtraction per code."""
+    lo = (((p & 0xF) ^ 8).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    hi = (((p >> 4) ^ 8).to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+    return lo.to(tl.float32) - 1032.0, hi.to(tl.float32) - 1032.0
+
+
+@triton.jit
+def _dequant_tile(w_ptr, s_ptr, z_ptr, rn, nm, kb, km, K, G, S_ROW, S_GROUP, HAS_Z: tl.constexpr, H: tl.constexpr):
+    """Weight rows ``rn`` of the 64-wide layout block at ``kb`` (columns ``km`` valid): ``(q' - z') * s`` in fp32,
+    as :meth:`Int4Weight.dequantize`, low and high halves ``[len(rn), H]``. The scale (and zero) of row ``n``,
+    group ``g`` sits at ``n * S_ROW + g * S_GROUP``: row-major ``[N, G]`` (``K/G, 1``) or group-major ``[G, N]``
+    (``1, N``)."""
+    kk = tl.arange(0, H)
+    p = tl.load(w_ptr + rn[:, None] * (K // 2) + (kb // 2 + kk)[None, :], mask=nm[:, None] & km[None, :], other=0)
+    lo, hi = _nibbles(p)
+    at = rn * S_ROW + (tl.minimum(kb, K - 1) // G) * S_GROUP  # G % 64 == 0: one group per block (clamped: masked)
+    sc = tl.load(s_ptr + at, mask=nm, other=0.0)
+    if HAS_Z:
+        z = tl.load(z_ptr + at, mask=nm, other=0.0)
+        lo = lo - z[:, None]
+        hi = hi - z[:, None]
+    return lo * sc[:, None], hi * sc[:, None]
+
+
+@triton.jit
 def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, MB, K_SPLIT, G, stride_ys,
                   HAS_Z: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                   H: tl.constexpr):
-    """``x @ dequant(W)ᵀ`` over the K range of split ``program_id(1)``: nibbles -> ``(q' - z') * s`` in registers
-    (group index ``k // G`` per column), fp32 accumulation; each split writes its own partial (a deterministic
+    """``x @ dequant(W)ᵀ`` over the K range of split ``program_id(1)``: :func:`_dequant_tile` in registers, fp32
+    accumulation; each split writes its own partial (a deterministic
     two-stage reduction rather than atomics)."""
     pid_m, pid_n = _grouped_pid(M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
@@ -423,25 +560,17 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, MB, K_SPLIT, G, st
     acc = tl.zeros((BM, BN), tl.float32)
     k_start = tl.program_id(1) * K_SPLIT
     k_end = k_start + K_SPLIT
-    ngroups = K // G
     kk = tl.arange(0, H)
     for k0 in range(k_start, k_end, BK):
         for j in tl.static_range(BK // (2 * H)):  # one 64-wide layout block: one scale (and zero) per row
             kb = k0 + j * 2 * H
-            km = ((kb + kk) < k_end)[None, :]
-            xlo = tl.load(x_ptr + rm[:, None] * K + (kb + kk)[None, :], mask=mm[:, None] & km, other=0.0)
-            xhi = tl.load(x_ptr + rm[:, None] * K + (kb + H + kk)[None, :], mask=mm[:, None] & km, other=0.0)
-            p = tl.load(w_ptr + rn[:, None] * (K // 2) + (kb // 2 + kk)[None, :], mask=nm[:, None] & km, other=0)
-            lo = ((p << 4).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
-            hi = ((p & 0xF0).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
-            gi = tl.minimum(kb, K - 1) // G  # G % 64 == 0: one group per block (clamped past the end: masked)
-            s = tl.load(s_ptr + rn * ngroups + gi, mask=nm, other=0.0)
-            if HAS_Z:
-                z = tl.load(z_ptr + rn * ngroups + gi, mask=nm, other=0.0)
-                lo = lo - z[:, None]
-                hi = hi - z[:, None]
-            wlo = (lo * s[:, None]).to(x_ptr.dtype.element_ty)
-            whi = (hi * s[:, None]).to(x_ptr.dtype.element_ty)
+            km = (kb + kk) < k_end
+            xm = mm[:, None] & km[None, :]
+            xlo = tl.load(x_ptr + rm[:, None] * K + (kb + kk)[None, :], mask=xm, other=0.0)
+            xhi = tl.load(x_ptr + rm[:, None] * K + (kb + H + kk)[None, :], mask=xm, other=0.0)
+            wlo, whi = _dequant_tile(w_ptr, s_ptr, z_ptr, rn, nm, kb, km, K, G, K // G, 1, HAS_Z, H)
+            wlo = wlo.to(x_ptr.dtype.element_ty)
+            whi = whi.to(x_ptr.dtype.element_ty)
             acc += tl.dot(xlo, tl.trans(wlo), input_precision="ieee")
             acc += tl.dot(xhi, tl.trans(whi), input_precision="ieee")
     ys = y_ptr + tl.program_id(1) * stride_ys
@@ -475,6 +604,90 @@ def w4a16_gemm(x: torch.Tensor, w: Int4Weight, bias=None, split_k: int | None = 
 
 
 @triton.jit
+def _w4a16t_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, MB, K_SPLIT, G,
+                   HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, BN: tl.constexpr,
+                   BMT: tl.constexpr, BK: tl.constexpr, H: tl.constexpr):
+    """Decode W4A16 as ``Yᵀ = W Xᵀ``: ``BN`` weight rows by ``BMT`` tokens over one ``K_SPLIT`` range of K. The
+    codes come from :func:`_nibbles`; ``(q' - z') * s`` with the group-major scales (``[G, N]``: one contiguous load
+    of ``BN`` rows per 64-wide block) is cast to the activations' dtype and is the dot's left, register-side
+    operand. With ``PARTIAL`` each split stores its fp32 partial (:func:`_w4a16_reduce_kernel` sums them in split
+    order); else bias and cast run here."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rm = tl.arange(0, BMT)
+    mm, nm = rm < M, rn < N
+    acc = tl.zeros((BN, BMT), tl.float32)
+    k_start = tl.program_id(1) * K_SPLIT
+    k_end = tl.minimum(k_start + K_SPLIT, K)
+    kk = tl.arange(0, H)
+    for k0 in range(k_start, k_end, BK):
+        for j in tl.static_range(BK // (2 * H)):  # one 64-wide layout block: one scale (and zero) per row
+            kb = k0 + j * 2 * H
+            km = (kb + kk) < k_end
+            wlo, whi = _dequant_tile(w_ptr, s_ptr, z_ptr, rn, nm, kb, km, K, G, 1, N, HAS_Z, H)
+            wlo = wlo.to(x_ptr.dtype.element_ty)
+            whi = whi.to(x_ptr.dtype.element_ty)
+            xm = km[:, None] & mm[None, :]
+            xlo = tl.load(x_ptr + rm[None, :] * K + (kb + kk)[:, None], mask=xm, other=0.0)
+            xhi = tl.load(x_ptr + rm[None, :] * K + (kb + H + kk)[:, None], mask=xm, other=0.0)
+            acc += tl.dot(wlo, xlo, input_precision="ieee")
+            acc += tl.dot(whi, xhi, input_precision="ieee")
+    out = rm[None, :] * N + rn[:, None]
+    if PARTIAL:
+        tl.store(y_ptr + tl.program_id(1) * M * N + out, acc, mask=nm[:, None] & mm[None, :])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=nm, other=0.0)[:, None]
+        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=nm[:, None] & mm[None, :])
+
+
+@triton.jit
+def _w4a16_reduce_kernel(parts_ptr, b_ptr, y_ptr, M, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr):
+    """Split-K's second stage for W4A16, one kernel: the fp32 partials in split order, the bias, the cast."""
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    acc = tl.zeros((BM, BN), tl.float32)
+    for s in tl.static_range(SPLITS):
+        acc += tl.load(parts_ptr + s * M * N + rm[:, None] * N + rn[None, :], mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+W4A16_GEMV_M = 16  # up to here: the decode GEMV (one token tile); see :func:`w4a16`
+
+
+def w4a16_gemv(x: torch.Tensor, w: Int4Weight, bias=None, split_k: int | None = None,
+               config: dict | None = None) -> torch.Tensor:
+    """Decode W4A16 (``M <= 16``): :func:`_w4a16t_kernel` split along K so that the GPU gets four programs per SM
+    (:func:`split_for`), then one reduce kernel that adds the partials, the bias and casts (none when unsplit)."""
+    m, k = x.shape
+    n, kw = w.shape
+    if k != kw or m > W4A16_GEMV_M:
+        raise ConfigError(f"w4a16_gemv: needs K={kw} and at most {W4A16_GEMV_M} tokens, got {tuple(x.shape)}")
+    if x.dtype == torch.bfloat16 and not x.is_cuda:
+        raise ConfigError("bf16 cannot go through tl.dot in the Triton interpreter: use fp16 or fp32 on CPU")
+    kern, meta = _pick(_w4a16t_kernel, _W4A16T_TUNED, config, INTERP_GEMV)
+    if split_k is None:
+        split_k = split_for(m, triton.cdiv(n, meta.get("BN", 128)), k, x.device)
+    if split_k < 1 or k % (split_k * PACK):
+        raise ConfigError(f"split_k={split_k} does not cut K={k} into multiples of {PACK}")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    partial = split_k > 1
+    out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if partial else y
+    b = bias.float().contiguous() if bias is not None else w.scale
+    grid = lambda c: (triton.cdiv(n, c["BN"]), split_k)  # noqa: E731
+    kern[grid](x.contiguous(), w.packed, w.scale_gm, w.zero_gm if w.zero is not None else w.scale_gm, b, out, m, n, k,
+               _bucket(m), k // split_k, w.group_size or k, HAS_Z=w.zero is not None, HAS_BIAS=bias is not None,
+               PARTIAL=partial, BMT=16, H=HALF, **meta)
+    if partial:
+        _w4a16_reduce_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 64))](out, b, y, m, n, SPLITS=split_k,
+                                                                       HAS_BIAS=bias is not None, BM=16, BN=64)
+    return y
+
+
+@triton.jit
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, y_ptr, N, K, G, HAS_Z: tl.constexpr, BN: tl.constexpr, H: tl.constexpr):
     """One 64-wide layout block of ``BN`` weight rows -> ``(q' - z') * s`` (fp32, as :meth:`Int4Weight.dequantize`)
     stored in the output's dtype."""
@@ -482,18 +695,10 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, y_ptr, N, K, G, HAS_Z: tl.constexpr, BN
     kb = tl.program_id(1) * 2 * H
     nm = rn < N
     kk = tl.arange(0, H)
-    p = tl.load(w_ptr + rn[:, None] * (K // 2) + (kb // 2 + kk)[None, :], mask=nm[:, None], other=0)
-    lo = ((p << 4).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
-    hi = ((p & 0xF0).to(tl.int8, bitcast=True) >> 4).to(tl.float32)
-    gi = kb // G
-    sc = tl.load(s_ptr + rn * (K // G) + gi, mask=nm, other=0.0)
-    if HAS_Z:
-        z = tl.load(z_ptr + rn * (K // G) + gi, mask=nm, other=0.0)
-        lo = lo - z[:, None]
-        hi = hi - z[:, None]
+    lo, hi = _dequant_tile(w_ptr, s_ptr, z_ptr, rn, nm, kb, kk < H, K, G, K // G, 1, HAS_Z, H)
     out = y_ptr + rn[:, None] * K + kb
-    tl.store(out + kk[None, :], (lo * sc[:, None]).to(y_ptr.dtype.element_ty), mask=nm[:, None])
-    tl.store(out + H + kk[None, :], (hi * sc[:, None]).to(y_ptr.dtype.element_ty), mask=nm[:, None])
+    tl.store(out + kk[None, :], lo.to(y_ptr.dtype.element_ty), mask=nm[:, None])
+    tl.store(out + H + kk[None, :], hi.to(y_ptr.dtype.element_ty), mask=nm[:, None])
 
 
 def dequantize(w: Int4Weight, dtype=torch.float32) -> torch.Tensor:
@@ -509,8 +714,11 @@ W4A16_DENSE_M = 256  # from here on: dequantize, then cuBLAS (vLLM's AWQ path do
 
 
 def w4a16(x: torch.Tensor, w: Int4Weight, bias=None) -> torch.Tensor:
-    """W4A16 chosen by M: :func:`w4a16_gemm` (split-K at decode sizes) below :data:`W4A16_DENSE_M` tokens, else the
-    weight dequantized to ``x.dtype`` (:func:`dequantize`) and a dense matmul (fp32 accumulation in cuBLAS)."""
+    """W4A16 chosen by M: the decode GEMV (:func:`w4a16_gemv`) up to :data:`W4A16_GEMV_M` tokens, :func:`w4a16_gemm`
+    below :data:`W4A16_DENSE_M`, else the weight dequantized to ``x.dtype`` (:func:`dequantize`) and a dense matmul
+    (fp32 accumulation in cuBLAS)."""
+    if x.shape[0] <= W4A16_GEMV_M:
+        return w4a16_gemv(x, w, bias)
     if x.shape[0] < W4A16_DENSE_M:
         return w4a16_gemm(x, w, bias)
     return torch.nn.functional.linear(x, dequantize(w, x.dtype), None if bias is None else bias.to(x.dtype))
@@ -549,6 +757,7 @@ def _pruner(m_tile: str):
 
 INTERP = {"BM": BM, "BN": BN, "BK": 2 * PACK, "GROUP_M": 8}
 INTERP_T = {"BN": 64, "BMT": 16, "BK": 2 * PACK, "GROUP_N": 8}  # Yᵀ = W Xᵀ: weight rows x tokens
+INTERP_GEMV = {"BN": 64, "BK": 2 * PACK}
 
 
 def _transposed_configs():
@@ -562,8 +771,16 @@ def _transposed_configs():
     return out
 
 
-_W4A4_TUNED = _W4A16_TUNED = _W4A4T_TUNED = None
+def _gemv_configs():
+    """Decode tiles: ``BN`` weight rows (wgmma's M, a multiple of 64) by one 16-token tile, K steps of 128-512."""
+    return [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in ((64, 256, 4, 4), (64, 512, 4, 3), (128, 128, 4, 4), (128, 256, 4, 3),
+                                  (128, 256, 8, 3), (256, 128, 8, 3))]
+
+
+_W4A4_TUNED = _W4A16_TUNED = _W4A4T_TUNED = _W4A16T_TUNED = None
 if not triton.knobs.runtime.interpret:
+    _W4A16T_TUNED = triton.autotune(_gemv_configs(), key=["MB", "N", "K", "K_SPLIT"])(_w4a16t_kernel)
     _W4A4T_TUNED = triton.autotune(_transposed_configs(), key=["MB", "N", "K", "K_SPLIT"],
                                    prune_configs_by={"early_config_prune": _pruner("BMT")})(_w4a4t_kernel)
     _ALL = _gpu_configs(True) + _gpu_configs(False)

@@ -4,8 +4,9 @@ Per (linear, M): torch bf16 matmul; what a user would otherwise pick: ``torch._i
 and fused by ``torch.compile``), FP8 ``torch._scaled_mm`` row-wise, torch's tinygemm int4 (``_weight_int4pack_mm``,
 torchao's int4 weight-only, g128) and gemlite A16W4 g128 where it is installed; ours: ``w4a4`` (GEMM alone, its
 ``Yᵀ = W Xᵀ`` split-K twin, the exact FP8 path; with ``rotate_quant`` and a fused 128-block rotation; with DuQuant's
-whole online transform, ``block_mix`` R1 + permutation then ``rotate_quant`` R2; ``rotate_quant`` alone) and
-``w4a16`` (g128: the kernel, and the dispatch that dequantizes for cuBLAS from M = 256): median time
+whole online transform, in two stages (``block_mix`` R1 + permutation, then ``rotate_quant`` R2) and in one pass
+(``transform_quant``); ``rotate_quant`` and ``transform_quant`` alone) and ``w4a16`` (g128: the tiled kernel, and the
+dispatch: the decode GEMV up to M = 16, dequantization for cuBLAS from M = 256): median time
 (``triton.testing.do_bench``, L2 flushed), TOPS, % of the H100 dense peak (989.4 bf16, 1978.9 int8/fp8; NVIDIA H100 SXM
 datasheet, dense) and speedup over bf16 (totals include the activation quantization where named). The table goes
 to ``reports/kernels-<device>.md`` with the device, versions and date. Without a GPU the cases skip (the
@@ -44,6 +45,11 @@ def cases(n: int, k: int, m: int, device: str, dtype=torch.bfloat16):
     def duquant():
         return K.w4a4_gemm(*K.rotate_quant(K.block_mix(x, 128, rotation=r, dst=dst), spec, r), w4, out_dtype=dtype)
 
+    perm = torch.argsort(dst.long()).to(torch.int32)  # the gather's sources: the same permutation
+
+    def duquant_onepass():
+        return K.w4a4_gemm(*K.transform_quant(x, spec, 128, rotation=r, perm=perm, rotation2=r), w4, out_dtype=dtype)
+
     out = {
         "bf16 matmul": (lambda: x @ wf.T, "bf16"),
         "w4a4 gemm": (lambda: K.w4a4_gemm(xq, sx, zx, rs, w4, out_dtype=dtype), "int8"),
@@ -52,8 +58,11 @@ def cases(n: int, k: int, m: int, device: str, dtype=torch.bfloat16):
         "w4a4 + rotate_quant": (lambda: K.w4a4_gemm(*K.rotate_quant(x, spec, r), w4, out_dtype=dtype),
                                 "int8"),
         "w4a4 + DuQuant R1-perm-R2": (duquant, "int8"),
+        "transform_quant (one pass: R1-perm-R2 + quantize)": (
+            lambda: K.transform_quant(x, spec, 128, rotation=r, perm=perm, rotation2=r)[0], None),
+        "w4a4 + DuQuant one pass": (duquant_onepass, "int8"),
         "w4a16 g128": (lambda: K.w4a16_gemm(x, w4g), "bf16"),
-        "w4a16 g128 (dispatch: dequant + cuBLAS from M=256)": (lambda: K.w4a16(x, w4g), "bf16"),
+        "w4a16 g128 (dispatch: GEMV to M=16, dequant + cuBLAS from M=256)": (lambda: K.w4a16(x, w4g), "bf16"),
     }
     if fp8_capable(device):  # exact: 4-bit codes in e4m3, fp32 accumulation
         w8 = fp8_gemm.fp8_weight(w4)

@@ -7,7 +7,8 @@ RMSNorm, fused gate+up (22016x4096), SiLU, down (4096x11008). Variants swap the 
 
 * ``w4a4 rtn``: per-token activations, per-channel weights, no online transform;
 * ``w4a4 duquant``: every linear input through ``[R1 -> permutation -> R2]`` (block 128, docs/kernels.md) fused
-  into ``block_mix`` + ``rotate_quant`` (what the DuQuant plans run; R1/R2 random orthogonal, perms random);
+  with the quantization into one pass, ``transform_quant`` (what the DuQuant plans run; R1/R2 random orthogonal,
+  perms random);
 * ``w4a4 quarot``: the online Hadamards (``H_32 ⊗ I_128`` on the O input, ``H_172 ⊗ H_64`` on the down input);
 * ``w4a16 g128``: weight-only (the decode case).
 

@@ -27,5 +27,5 @@ def test_calibration_scale_bench_runs_on_a_tiny_shape(monkeypatch):
     assert [r["method"] for r in rows] == ["duquant", "gptq"] and rows[0]["paper (A100) s"] == 50.0
     for r in rows:
         assert r["blocks timed"] == "2 of 4" and r["settings"].startswith("2 x 64")
-        assert r["projected whole model s"] == round(r["measured_s"] * 2, 1) or abs(
-            r["projected whole model s"] - 2 * r["measured_s"]) <= 0.1
+        # both rounded to 0.1 s from the same wall time: 2 x measured is within 0.1, the projection within 0.05
+        assert abs(r["projected whole model s"] - 2 * r["measured_s"]) <= 0.15 + 1e-9

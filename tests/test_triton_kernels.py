@@ -128,10 +128,49 @@ def test_fused_online_transform_equals_the_plans_transform(name, k, left_in_torc
     rotated = got if rot is None else (got.reshape(m, -1, rot.shape[0]) @ rot).reshape(m, k)
     assert rel(rotated, want) < 1e-5
     spec = QuantSpec(4, "minmax", "token")
-    q, s, z, _ = K.rotate_quant(got, spec, rot)
+    q, s, z, sums = K.rotate_quant(got, spec, rot)
     rq, rs, rz, _ = int4.ref_rotate_quant(want, spec)
     assert (q != rq).float().mean() <= 1e-3 and (q.short() - rq.short()).abs().max() <= 1
     assert torch.allclose(s, rs, rtol=1e-5) and torch.equal(z, rz)
+    # the same in one pass (x read once): from the PyTorch rest's output, the stage-1 operands and the rotation
+    block = mix["block"] if mix else rot.shape[0]
+    one = K.transform_quant(x_rest(x, rest), spec, **{a: v.to(DEV) if torch.is_tensor(v) else v
+                                                      for a, v in (mix or {"block": block}).items()}, rotation2=rot)
+    assert (one[0] != rq).float().mean() <= 1e-3 and (one[0].short() - rq.short()).abs().max() <= 1
+    assert torch.allclose(one[1], rs, rtol=1e-5) and torch.equal(one[2], rz)
+    if mix is None or "left" not in mix:  # the same dots on the same tiles: the two paths agree bit for bit
+        assert all(torch.equal(u, v) for u, v in zip(one, (q, s, z, sums))) or DEV != "cpu"
+
+
+def x_rest(x, rest):
+    for t in rest:
+        x = t.to(DEV)(x)
+    return x
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_one_pass_gathers_the_permutation_exactly(grid):
+    """With identity rotations the one-pass kernel's codes are ``quantize(x[:, perm])`` exactly, for every grid;
+    the inverse permutation (a scatter where a gather belongs) gives other codes, and so does no permutation."""
+    spec = QuantSpec(4, grid, "token")
+    g = torch.Generator().manual_seed(7)
+    x, perm = outliers(3, 256, seed=7), torch.randperm(256, generator=g).to(DEV)
+    eye = torch.eye(64, device=DEV)
+    q, s, z, sums = K.transform_quant(x, spec, 64, rotation=eye, perm=perm, rotation2=eye, rows=2)
+    qt = quantize(x[:, perm], spec)
+    assert torch.equal(q.short() + int4.shift_of(spec), qt.codes.short()) and torch.equal(s, qt.scale.flatten())
+    assert torch.equal(sums, q.int().sum(1))
+    assert not torch.equal(K.transform_quant(x, spec, 64, perm=torch.argsort(perm))[0], q)
+    assert not torch.equal(K.transform_quant(x, spec, 64)[0], q)
+
+
+def test_one_pass_refuses_rows_it_cannot_hold():
+    spec = QuantSpec(4, "minmax", "token")
+    assert K.onepass_fits(11008, 64) and not K.onepass_fits(28672, 64) and not K.onepass_fits(200, 64)
+    with pytest.raises(ConfigError, match="block_mix \\+ rotate_quant"):
+        K.transform_quant(torch.randn(1, 28672), spec, 64)
+    with pytest.raises(ConfigError, match="rotation2 must be 64x64"):
+        K.transform_quant(torch.randn(1, 256), spec, 64, rotation2=torch.eye(32))
 
 
 @pytest.mark.parametrize("wgrid,agrid", [("sym", "sym"), ("minmax", "minmax"), ("asym", "sym"), ("sym", "asym")])
@@ -253,6 +292,38 @@ def test_w4a16_dispatch_dequantizes_exactly_above_its_threshold(group, wgrid):
         assert rel(K.w4a16(x, w, bias), int4.ref_w4a16(x, w, bias)) < 1e-6
 
 
+@pytest.mark.parametrize("group,zero", [(0, False), (64, True), (128, True)])
+def test_w4a16_decode_gemv_is_exact_where_sums_are_exact(group, zero):
+    """Integer activations, power-of-two scales and integer zero points make every product and partial sum exact in
+    fp32, so the decode GEMV (magic-number codes, group-major scales, split partials, fused bias) must equal the
+    reference bit for bit for every split: a wrong nibble (sign, lo/hi order), another group's scale, a split range
+    dropped or counted twice shows; float summation order cannot."""
+    n, k, m = 96, 512, 3
+    g = torch.Generator().manual_seed(group)
+    codes = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    ng = k // (group or k)
+    scale = 2.0 ** -torch.randint(0, 4, (n, ng), generator=g).float()
+    z = torch.randint(-8, 8, (n, ng), generator=g).float() if zero else None
+    spec = QuantSpec(4, "minmax" if zero else "sym", "group" if group else "channel", group_size=group)
+    w = int4.Int4Weight(int4.pack_int4(codes), scale, z, codes.int().sum(1), group, spec).to(DEV)
+    x = torch.randint(-3, 4, (m, k), generator=g).float().to(DEV)
+    bias = torch.randint(-5, 5, (n,), generator=g).float().to(DEV)
+    ref = int4.ref_w4a16(x, w, bias)
+    for split in (None, 1, 2, 8):
+        assert torch.equal(K.w4a16_gemv(x, w, bias, split_k=split), ref), split
+    assert torch.equal(K.w4a16(x.half(), w, bias), ref.half())  # the dispatch takes it at m <= 16; fp16 exact here
+    flipped = int4.Int4Weight(int4.pack_int4(-codes.clamp(min=-7)), scale, z, codes.int().sum(1), group, spec)
+    assert not torch.equal(K.w4a16_gemv(x, flipped.to(DEV), bias), ref)  # the check sees a sign error
+
+
+def test_w4a16_decode_gemv_refuses_what_it_does_not_run():
+    w = int4.int4_weight(quantize(torch.randn(8, 128), QuantSpec(4)))
+    with pytest.raises(ConfigError, match="at most 16 tokens"):
+        K.w4a16_gemv(torch.randn(17, 128), w)
+    with pytest.raises(ConfigError, match="split_k=3"):
+        K.w4a16_gemv(torch.randn(1, 128), w, split_k=3)
+
+
 def test_unsupported_shapes_and_specs_are_clear_errors():
     w = int4.int4_weight(quantize(torch.randn(8, 128), QuantSpec(4, "sym", "group", group_size=64))).to(DEV)
     q = torch.zeros(2, 128, dtype=torch.int8, device=DEV)
@@ -285,7 +356,8 @@ def test_speed_bench_code_runs_in_the_interpreter():
     got = mod.cases(128, 256, 4, DEV, torch.float16)
     assert {"bf16 matmul", "w4a4 gemm", "rotate_quant (128-block rotation)", "w4a4 + rotate_quant",
             "w4a4 + DuQuant R1-perm-R2", "w4a16 g128", "w4a4 gemm (Yt = W Xt, split-K)", "w4a4 fp8 exact (_scaled_mm)",
-            "w4a16 g128 (dispatch: dequant + cuBLAS from M=256)"} <= set(got)
+            "w4a16 g128 (dispatch: GEMV to M=16, dequant + cuBLAS from M=256)", "w4a4 + DuQuant one pass",
+            "transform_quant (one pass: R1-perm-R2 + quantize)"} <= set(got)
     outs = {name: fn() for name, (fn, _) in got.items()}
     assert all(o.shape in ((4, 128), (4, 256)) and torch.isfinite(o.float()).all() for o in outs.values())
     r = mod.row("o", 4096, 4096, 2048, "w4a4 gemm", 0.1, "int8", 0.2)
@@ -343,8 +415,9 @@ def test_triton_backend_agrees_with_fake_quant_end_to_end(method, scheme, ids):
     assert len(worst) == len(lins) and max(worst.values()) < bound, max(worst.items(), key=lambda kv: kv[1])
     assert rel(got, ref) < (1e-4 if (method, scheme) != ("quarot", "w4a4") else 0.1)
     fused = [x for x in lins.values() if x.mix is not None]
-    if method == "duquant":  # every linear: stage 1 (R1 + permutation scatter), R2 in rotate_quant
-        assert len(fused) == len(lins) and all("dst" in x.mix and x.rotation is not None for x in lins.values())
+    if method == "duquant":  # every linear: R1 + permutation gather + R2 + quantization, in one pass
+        assert len(fused) == len(lins) and all("perm" in x.onepass and x.onepass["rotation2"] is not None
+                                               for x in lins.values())
     if method == "quarot":  # the online Hadamards of o_proj and down_proj inputs
         assert {n.rsplit(".", 1)[-1] for n, x in lins.items() if x.mix is not None} == {"o_proj", "down_proj"}
 
@@ -362,6 +435,19 @@ def test_every_w4a4_path_runs_the_backend_like_fake_quant(path, ids, monkeypatch
     monkeypatch.setenv("QUANTBENCH_W4A4", "fp8")
     with pytest.raises(ConfigError, match="not exact on the FP8 path"):
         logits(_realized("rtn", "w4a6", "triton", DEV), ids.to(DEV))
+
+
+@pytest.mark.parametrize("method,scheme", [("duquant", "w4a4q4kv4"), ("quarot", "w4a4")])
+def test_rows_too_wide_for_one_pass_take_the_two_stages_and_agree(method, scheme, ids, monkeypatch):
+    """A row wider than the one-pass kernel holds (LLaMA-3-70B's 28672; here the limit is lowered) runs
+    ``block_mix`` then ``rotate_quant``: the same logits as one pass, to fp32 summation order."""
+    one = logits(_realized(method, scheme, "triton", DEV), ids.to(DEV)).cpu()
+    monkeypatch.setattr(K, "ONEPASS_MAX_K", 32)
+    mod = _realized(method, scheme, "triton", DEV)
+    lins = [m for m in mod.modules() if type(m).__name__ == "TritonLinear"]
+    assert lins and all(m.onepass is None for m in lins) and "two stages" in repr(lins[0])
+    assert method != "duquant" or all("dst" in m.mix for m in lins)  # the scatter's destinations, made once
+    assert rel(logits(mod, ids.to(DEV)).cpu(), one) < 1e-4
 
 
 def test_triton_backend_refuses_plans_it_cannot_run():
